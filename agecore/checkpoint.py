@@ -1,0 +1,90 @@
+"""Self-describing checkpoints: safetensors weights + JSON that says how to rebuild and feed the model.
+
+A checkpoint is a folder::
+
+    model.safetensors   the whole network (backbone and head), no pickled code
+    checkpoint.json     model and training config, preprocessing, metrics, versions, epoch
+    train_state.pt      optimiser/scheduler/early-stopping state for resuming (weights_only load)
+    calibration.json    optional: signed-error quantiles per age band (written by evaluate --attach)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from agecore import __version__
+from agecore.config import ModelConfig, Preprocessing
+from agecore.model import AgeRegressor, create_model
+
+WEIGHTS = "model.safetensors"
+META = "checkpoint.json"
+TRAIN_STATE = "train_state.pt"
+CALIBRATION = "calibration.json"
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    return {"agecore": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: AgeRegressor,
+    model_cfg: ModelConfig,
+    prep: Preprocessing,
+    *,
+    train_cfg: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    epoch: int = 0,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, path / WEIGHTS)
+    meta = {
+        "format": "agecore-checkpoint/1",
+        "model": model_cfg.to_dict(),
+        "preprocessing": prep.to_dict(),
+        "train": train_cfg or {},
+        "metrics": metrics or {},
+        "epoch": epoch,
+        "versions": versions(),
+    }
+    (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+    if train_state is not None:
+        torch.save(train_state, path / TRAIN_STATE)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not an agecore checkpoint: {META} is missing")
+    return json.loads(meta_path.read_text())
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[AgeRegressor, dict[str, Any]]:
+    """Rebuild the model from the checkpoint alone; no pretrained download, no pickled code."""
+    meta = read_meta(path)
+    cfg = ModelConfig.from_dict({**meta["model"], "pretrained": "none", "pretrained_file": None})
+    model = create_model(cfg)
+    model.load_state_dict(safetensors.torch.load_file(Path(path) / WEIGHTS, device=str(device)))
+    return model.to(device).eval(), meta
+
+
+def preprocessing(meta: dict[str, Any]) -> Preprocessing:
+    return Preprocessing.from_dict(meta["preprocessing"])
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    state_path = Path(path) / TRAIN_STATE
+    return torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None

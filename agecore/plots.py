@@ -1,0 +1,115 @@
+"""Every figure the reports draw. Each function writes one PNG and returns its path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from agecore.datasets import AGE_BAND_LABELS, age_band  # noqa: E402
+
+SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+
+
+def age_histogram(ages_by_split: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Age distribution per split (the plot the reference notebook drew), as densities."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bins = np.arange(0, 122, 2)
+    for split, ages in ages_by_split.items():
+        ax.hist(ages, bins=bins, density=True, histtype="step", linewidth=1.6,
+                color=SPLIT_COLORS.get(split), label=f"{split} (n={len(ages):,})")
+    ax.set_xlabel("age (years)")
+    ax.set_ylabel("share of images per year")
+    ax.set_title("Age distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path,
+               suptitle: str = "", columns: int = 6) -> Path:
+    """A grid of HWC uint8 images with a title under each."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.15), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def sample_grid(images: Sequence[np.ndarray], ages: Sequence[float], path: str | Path) -> Path:
+    """Faces across age bands, labelled with their ages."""
+    return image_grid(images, [f"age {a:g}" for a in ages], path, "Samples across age bands")
+
+
+def learning_curves(metrics: pd.DataFrame, path: str | Path) -> Path:
+    """Train and validation MAE per epoch (the reference notebook's curve), with the best epoch marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(metrics["epoch"], metrics["train_mae"], marker="o", label="train MAE")
+    ax.plot(metrics["epoch"], metrics["val_mae"], marker="o", label="validation MAE")
+    best = metrics.loc[metrics["val_mae"].idxmin()]
+    ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"best: {best['val_mae']:.2f} @ epoch {int(best['epoch'])}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MAE (years)")
+    ax.set_title("Learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def predicted_vs_true(true: np.ndarray, pred: np.ndarray, path: str | Path) -> Path:
+    """Scatter of predicted against true age with the identity line."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(true, pred, s=4, alpha=0.35)
+    hi = float(max(np.max(true), np.max(pred), 1)) + 2
+    ax.plot([0, hi], [0, hi], color="black", linewidth=1, label="identity")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("true age")
+    ax.set_ylabel("predicted age")
+    ax.set_title(f"Predicted vs true (MAE {np.mean(np.abs(pred - true)):.2f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def error_by_age(true: np.ndarray, pred: np.ndarray, path: str | Path) -> Path:
+    """MAE and bias per age band, with counts."""
+    bands = age_band(true)
+    err = pred - true
+    idx = np.arange(len(AGE_BAND_LABELS))
+    mae = [np.mean(np.abs(err[bands == b])) if np.any(bands == b) else np.nan for b in idx]
+    bias = [np.mean(err[bands == b]) if np.any(bands == b) else np.nan for b in idx]
+    counts = [int(np.sum(bands == b)) for b in idx]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.bar(idx - 0.2, mae, width=0.4, label="MAE")
+    ax.bar(idx + 0.2, bias, width=0.4, label="bias (pred - true)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(idx, [f"{lab}\n(n={c})" for lab, c in zip(AGE_BAND_LABELS, counts, strict=True)], fontsize=8)
+    ax.set_ylabel("years")
+    ax.set_title("Error by age band")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

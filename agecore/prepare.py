@@ -1,0 +1,179 @@
+"""The pieces of data preparation that need no cluster: batch decoding, the split plan, the report.
+
+``ray_jobs.prepare`` strings them together with Ray Data; a notebook can call them directly.
+
+Prepared layout::
+
+    OUT/prepare.json             resolved config, counts, image size and interpolation
+    OUT/data/split=NAME/*.parquet  image (uint8 HxWx3), age, path, digest, gender, race
+    OUT/rejects.csv              path, reason, detail: every row that was not used
+    OUT/report/summary.json, age_hist.png, samples.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agecore import plots
+from agecore.config import PrepareConfig
+from agecore.datasets import (
+    AGE_BAND_LABELS,
+    REJECT_COLUMNS,
+    age_band,
+    assign_splits,
+    resolve_duplicates,
+)
+from agecore.images import ImageError, content_digest, decode, read_bytes, resize_square
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, interpolation: str, max_pixels: int, min_side: int
+) -> dict[str, np.ndarray]:
+    """Decode and preprocess one batch of records; a bad image becomes an error row, never an exception.
+
+    Adds ``image`` (N, size, size, 3 uint8; zeros where decoding failed), ``digest``,
+    ``error_reason`` and ``error_detail`` (empty strings where the image is good).
+    """
+    n = len(batch["path"])
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    digests, reasons, details = [""] * n, [""] * n, [""] * n
+    for i, path in enumerate(batch["path"]):
+        try:
+            img = decode(read_bytes(str(path)), max_pixels=max_pixels, min_side=min_side)
+            digests[i] = content_digest(img)
+            images[i] = resize_square(img, size, interpolation)
+        except ImageError as e:
+            reasons[i], details[i] = e.reason, e.detail
+    out = dict(batch)
+    out.update(
+        image=images,
+        digest=np.array(digests, dtype=object),
+        error_reason=np.array(reasons, dtype=object),
+        error_detail=np.array(details, dtype=object),
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which decoded rows are kept, in which split, and which are rejected and why."""
+
+    split_of_path: dict[str, str]
+    rejects: pd.DataFrame
+
+
+def plan_splits(meta: pd.DataFrame, cfg: PrepareConfig) -> SplitPlan:
+    """From the decoded rows' metadata (path, age, digest, error_reason, error_detail) to a plan."""
+    failed = meta["error_reason"] != ""
+    decode_rejects = pd.DataFrame(
+        {"path": meta.loc[failed, "path"], "reason": meta.loc[failed, "error_reason"],
+         "detail": meta.loc[failed, "error_detail"]}
+    )
+    good = meta.loc[~failed, ["path", "age", "digest"]]
+    conflicts = resolve_duplicates(good)
+    good = good[~good["path"].isin(conflicts["path"])]
+    splits = assign_splits(good, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    rejects = pd.concat([decode_rejects, conflicts], ignore_index=True)[REJECT_COLUMNS]
+    return SplitPlan(dict(zip(good["path"], splits, strict=True)), rejects)
+
+
+def attach_split(batch: dict[str, np.ndarray], split_of_path: dict[str, str]) -> dict[str, np.ndarray]:
+    """Keep the planned rows of a decoded batch and add their ``split``; drop the error columns."""
+    splits = np.array([split_of_path.get(str(p), "") for p in batch["path"]], dtype=object)
+    keep = splits != ""
+    out = {k: v[keep] for k, v in batch.items() if k not in ("error_reason", "error_detail")}
+    out["split"] = splits[keep]
+    return out
+
+
+def age_stats(ages: np.ndarray) -> dict[str, Any]:
+    ages = np.asarray(ages, dtype=float)
+    if len(ages) == 0:
+        return {"count": 0}
+    bands = age_band(ages)
+    return {
+        "count": len(ages),
+        "mean": round(float(ages.mean()), 2),
+        "std": round(float(ages.std()), 2),
+        "median": float(np.median(ages)),
+        "min": float(ages.min()),
+        "max": float(ages.max()),
+        "per_band": {lab: int(np.sum(bands == i)) for i, lab in enumerate(AGE_BAND_LABELS)},
+    }
+
+
+def pick_samples(meta: pd.DataFrame, per_band: int = 2, seed: int = 0) -> pd.DataFrame:
+    """A few rows from each age band, youngest first, for the sample grid."""
+    rng = np.random.default_rng(seed)
+    bands = age_band(meta["age"].to_numpy())
+    picks = []
+    for b in range(len(AGE_BAND_LABELS)):
+        idx = np.flatnonzero(bands == b)
+        picks.extend(rng.choice(idx, size=min(per_band, len(idx)), replace=False).tolist())
+    return meta.iloc[sorted(picks, key=lambda i: meta["age"].iloc[i])]
+
+
+def write_report(
+    out: Path,
+    cfg: PrepareConfig,
+    fmt: str,
+    listed: int,
+    kept: pd.DataFrame,
+    rejects: pd.DataFrame,
+    seconds: float,
+    interpolation: str,
+) -> dict[str, Any]:
+    """rejects.csv, prepare.json and report/ (summary.json, age_hist.png, samples.png)."""
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    rejects.to_csv(out / "rejects.csv", index=False)
+    by_split = {s: kept.loc[kept["split"] == s, "age"].to_numpy() for s in SPLITS if (kept["split"] == s).any()}
+    summary = {
+        "data": cfg.data,
+        "format": fmt,
+        "image_size": cfg.image_size,
+        "interpolation": interpolation,
+        "listed": listed,
+        "accepted": len(kept),
+        "rejected": len(rejects),
+        "rejected_by_reason": {str(k): int(v) for k, v in rejects["reason"].value_counts().items()},
+        "splits": {s: age_stats(a) for s, a in by_split.items()},
+        "seconds": round(seconds, 1),
+        "images_per_second": round(listed / seconds, 1) if seconds > 0 else None,
+    }
+    (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "prepare.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "format": fmt, "image_size": cfg.image_size,
+                    "interpolation": interpolation, "counts": {s: len(a) for s, a in by_split.items()}},
+                   indent=2) + "\n"
+    )
+    plots.age_histogram(by_split, report / "age_hist.png")
+    samples = pick_samples(kept[kept["split"] == "train"], seed=cfg.seed)
+    images = [resize_square(decode(read_bytes(p)), 128) for p in samples["path"]]
+    plots.sample_grid(images, samples["age"].tolist(), report / "samples.png")
+    return summary
+
+
+def read_prepare_info(prepared: str | Path) -> dict[str, Any]:
+    """prepare.json, with the report's per-split age statistics under ``splits``."""
+    path = Path(prepared) / "prepare.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{prepared} is not a prepared data set (no prepare.json): run `age prepare` first")
+    info = json.loads(path.read_text())
+    info["splits"] = json.loads((Path(prepared) / "report" / "summary.json").read_text())["splits"]
+    return info
+
+
+def split_dir(prepared: str | Path, split: str) -> str:
+    return str(Path(prepared) / "data" / f"split={split}")

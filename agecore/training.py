@@ -1,0 +1,276 @@
+"""Training pieces that need no cluster: augmentation, optimiser and schedule, early stopping,
+the feature cache of the CPU paths, and one epoch of training or validation.
+
+``ray_jobs.train`` runs these inside Ray Train workers; a test or notebook can run them on
+plain iterables of batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+
+from agecore.config import ModelConfig, Preprocessing, TrainConfig
+from agecore.images import normalize
+from agecore.model import create_model, split_model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- augmentation -------------------------------------------------------------------------------
+
+
+def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random resized crop, horizontal flip and colour jitter on a uint8 NHWC batch."""
+    n, h, w, _ = images.shape
+    out = torch.empty_like(images)
+    lo, hi = cfg.random_crop_scale
+    r = torch.rand(n, 6, generator=generator)
+    for i in range(n):
+        img = images[i].permute(2, 0, 1)
+        scale = lo + (hi - lo) * float(r[i, 0])
+        ch, cw = max(1, round(h * math.sqrt(scale))), max(1, round(w * math.sqrt(scale)))
+        top, left = int(r[i, 1] * (h - ch + 1)), int(r[i, 2] * (w - cw + 1))
+        if (ch, cw) != (h, w):
+            img = TF.resized_crop(img, top, left, ch, cw, [h, w], antialias=True)
+        if cfg.flip and r[i, 3] < 0.5:
+            img = TF.horizontal_flip(img)
+        if cfg.color_jitter > 0:
+            j = cfg.color_jitter
+            img = TF.adjust_brightness(img, 1 + j * (2 * float(r[i, 4]) - 1))
+            img = TF.adjust_contrast(img, 1 + j * (2 * float(r[i, 5]) - 1))
+        out[i] = img.permute(1, 2, 0)
+    return out
+
+
+# ---- optimisation -------------------------------------------------------------------------------
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up, then cosine decay to 1% (or constant).
+
+    >>> [round(lr_factor(s, 10, 2, "cosine"), 3) for s in (0, 1, 2, 10)]
+    [0.5, 1.0, 1.0, 0.01]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule != "cosine":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    """Per-step warm-up + cosine, or per-epoch reduce-on-plateau; its state goes in checkpoints."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        self.step_count = 0
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
+            if cfg.schedule == "plateau" else None
+        )
+        self._apply()
+
+    def _apply(self) -> None:
+        if self.plateau is not None and self.step_count >= self.warmup:
+            return
+        f = lr_factor(self.step_count, self.total, self.warmup, self.cfg.schedule)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * f
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def epoch_end(self, val_mae: float) -> None:
+        if self.plateau is not None and self.step_count >= self.warmup:
+            self.plateau.step(val_mae)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step_count"]
+        if self.plateau is not None and state["plateau"] is not None:
+            self.plateau.load_state_dict(state["plateau"])
+        self._apply()
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without an improvement of at least ``min_delta``.
+
+    >>> es = EarlyStopping(patience=2, min_delta=0.1)
+    >>> [es.update(v) for v in (5.0, 4.95, 4.8, 4.9, 4.85)], es.should_stop
+    ([True, False, True, False, False], True)
+    """
+
+    patience: int
+    min_delta: float
+    best: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch: int = -1
+
+    def update(self, value: float) -> bool:
+        self.epoch += 1
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            return True
+        self.best = min(self.best, value)
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def loss_fn(name: str) -> nn.Module:
+    return nn.L1Loss() if name == "l1" else nn.SmoothL1Loss(beta=2.0)
+
+
+# ---- inputs per mode -----------------------------------------------------------------------------
+
+
+class FeatureExtractor:
+    """The lower part of the network, run once over a data set for the CPU paths.
+
+    A Ray Data ``map_batches`` callable class (one model load per actor): image batches in,
+    ``features`` out as (N, 2, ...) float16, the image and its mirror image, so training can
+    flip without running the lower part again and validation can average both views.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None, threads: int = 0) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        model = create_model(model_cfg).eval()
+        self.lower = split_model(model, cut_stage)[0].eval().to(memory_format=torch.channels_last)
+        self.prep = prep
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = normalize(torch.from_numpy(np.ascontiguousarray(batch["image"])), self.prep)
+        views = torch.stack([self.lower(x), self.lower(torch.flip(x, dims=[3]))], dim=1)
+        out = {k: v for k, v in batch.items() if k not in ("image",)}
+        out["features"] = views.to(torch.float16).numpy()
+        return out
+
+
+def batch_inputs(
+    batch: dict[str, torch.Tensor],
+    mode: str,
+    prep: Preprocessing,
+    train: bool,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """The model inputs of a batch: one view for training, one or two (TTA) for validation."""
+    if mode == "finetune":
+        images = batch["image"]
+        if train:
+            images = augment(images, cfg, generator)
+        x = normalize(images.to(device, non_blocking=True), prep)
+        if train or not cfg.tta_flip:
+            return [x]
+        return [x, torch.flip(x, dims=[3])]
+    feats = batch["features"].to(device, non_blocking=True)
+    if train:
+        pick = torch.randint(0, 2, (feats.shape[0],), generator=generator) if cfg.flip else torch.zeros(
+            feats.shape[0], dtype=torch.long)
+        return [feats[torch.arange(feats.shape[0]), pick.to(device)].float()]
+    return [feats[:, 0].float(), feats[:, 1].float()] if cfg.tta_flip else [feats[:, 0].float()]
+
+
+@dataclass
+class EpochResult:
+    mae: float
+    abs_err_sum: float
+    count: int
+    within5: int
+    seconds: float
+    predictions: np.ndarray | None = None
+
+
+def train_epoch(
+    module: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    criterion: nn.Module,
+    inputs: Any,
+    device: torch.device,
+    amp: bool = False,
+) -> EpochResult:
+    """One pass of training; ``inputs(batch)`` gives the model input (see ``batch_inputs``)."""
+    module.train()
+    start, abs_sum, count, within5 = time.perf_counter(), 0.0, 0, 0
+    for batch in batches:
+        x = inputs(batch)[0]
+        y = batch["age"].to(device).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = module(x).float()
+        loss = criterion(pred, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        err = (pred.detach() - y).abs()
+        abs_sum += float(err.sum())
+        within5 += int((err <= 5).sum())
+        count += len(y)
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, within5, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def evaluate_epoch(
+    module: nn.Module, batches: Iterable[dict[str, torch.Tensor]], inputs: Any, device: torch.device, amp: bool = False
+) -> EpochResult:
+    """Predictions over a validation shard, averaged over the views ``inputs`` gives."""
+    module.eval()
+    start, abs_sum, count, within5 = time.perf_counter(), 0.0, 0, 0
+    for batch in batches:
+        y = batch["age"].to(device).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = torch.stack([module(x).float() for x in inputs(batch)]).mean(0)
+        err = (pred - y).abs()
+        abs_sum += float(err.sum())
+        within5 += int((err <= 5).sum())
+        count += len(y)
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, within5, time.perf_counter() - start)

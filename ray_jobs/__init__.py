@@ -1,0 +1,1 @@
+"""Thin Ray entry points: parse arguments, build Ray pieces, call ``agecore``."""

@@ -1,0 +1,110 @@
+"""Validate, decode, split and store a labelled face collection as Parquet shards, with Ray Data.
+
+    python -m ray_jobs.prepare --data ../shared/data/faces --out runs/prepared
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import ray
+
+from agecore.config import FORMATS, PrepareConfig
+from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
+from agecore.model import default_preprocessing
+from agecore.prepare import attach_split, decode_batch, plan_splits, write_report
+from ray_jobs.common import init_ray, setup_logging
+
+log = logging.getLogger("ray_jobs.prepare")
+
+META_COLUMNS = ["path", "age", "digest", "error_reason", "error_detail"]
+
+
+def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | None = None) -> dict:
+    """Run the whole preparation; returns the report summary. Raises on ``strict`` rejects."""
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    records, fmt = read_records(cfg.data, cfg.format)
+    log.info("%s: %d rows read as %s", cfg.data, len(records), fmt)
+    records, label_rejects = validate_labels(records, cfg.max_age)
+    if cfg.strict and len(label_rejects):
+        raise ValueError(f"--strict: {len(label_rejects)} label rows rejected, first: {label_rejects.iloc[0].to_dict()}")
+
+    init_ray(address)
+    n_blocks = max(2, min(200, len(records) // 256))
+    decoded = (
+        ray.data.from_pandas(records)
+        .repartition(n_blocks)
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"size": cfg.image_size, "interpolation": interpolation,
+                       "max_pixels": cfg.max_pixels, "min_side": cfg.min_side},
+            batch_size=64,
+            batch_format="numpy",
+        )
+        .materialize()  # decoded once; the metadata pass and the write below both read it
+    )
+    meta = decoded.select_columns(META_COLUMNS).to_pandas()
+    plan = plan_splits(meta, cfg)
+    rejects = pd.concat([label_rejects, plan.rejects], ignore_index=True)[REJECT_COLUMNS]
+    if cfg.strict and len(rejects):
+        raise ValueError(f"--strict: {len(rejects)} rows rejected, first: {rejects.iloc[0].to_dict()}")
+    if not plan.split_of_path:
+        raise ValueError(f"{cfg.data}: no usable image; see the reasons in the rejects ({len(rejects)} rows)")
+
+    data_dir = out / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # a rerun replaces the shards rather than mixing two runs
+    decoded.map_batches(
+        attach_split, fn_kwargs={"split_of_path": plan.split_of_path}, batch_format="numpy"
+    ).write_parquet(str(data_dir), partition_cols=["split"])
+
+    kept = meta[meta["path"].isin(plan.split_of_path)].copy()
+    kept["split"] = kept["path"].map(plan.split_of_path)
+    summary = write_report(out, cfg, fmt, len(records) + len(label_rejects), kept, rejects,
+                           time.perf_counter() - start, interpolation)
+    log.info(
+        "accepted %d, rejected %d %s; splits %s; %.1f images/s; report in %s",
+        summary["accepted"], summary["rejected"], summary["rejected_by_reason"] or "",
+        {s: v["count"] for s, v in summary["splits"].items()}, summary["images_per_second"] or 0,
+        out / "report",
+    )
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="age prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="labels.csv folder, UTKFace folder, or manifest .csv/.parquet (path or URI)")
+    p.add_argument("--out", required=True, help="output folder for Parquet shards, rejects.csv and report/")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--backbone", default="resnet50", help="timm model whose data config sets the image size")
+    p.add_argument("--image-size", type=int, default=None, help="override the backbone's input size")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="fail on any rejected row")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    prep = default_preprocessing(args.backbone)
+    cfg = PrepareConfig(
+        data=args.data, out=args.out, format=args.format,
+        image_size=args.image_size or prep.input_size, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
+    )
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return prepare(cfg, prep.interpolation, args.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Fine-tune the age regressor with Ray Train: data-parallel workers fed by Ray Data.
+
+    python -m ray_jobs.train --prepared runs/prepared --out runs/train-1
+    python -m ray_jobs.train --prepared runs/prepared --out runs/train-2 \\
+        --backbone tf_efficientnet_lite0 --pretrained-file lite0.pth --mode partial
+
+Modes: ``finetune`` trains the whole network on images (GPUs); ``partial`` runs the lower
+stages once, caches their output, and fine-tunes the top stages and the head (the CPU
+default); ``frozen`` caches pooled embeddings and trains the head alone (seconds an epoch).
+
+Outputs under OUT: ``best/`` (the checkpoint with the lowest validation MAE), ``metrics.csv``,
+``curves.png``, ``config.json``, and Ray Train's own run folder ``ray_train/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from agecore import plots
+from agecore.checkpoint import load_train_state, read_meta, save_checkpoint
+from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
+from agecore.model import create_model, default_cut_stage, default_preprocessing, trainable_module
+from agecore.prepare import read_prepare_info, split_dir
+from agecore.training import (
+    EarlyStopping,
+    FeatureExtractor,
+    Schedule,
+    batch_inputs,
+    evaluate_epoch,
+    loss_fn,
+    make_optimizer,
+    seed_everything,
+    train_epoch,
+)
+from ray_jobs.common import init_ray, setup_logging
+
+log = logging.getLogger("ray_jobs.train")
+
+RUN_NAME = "ray_train"
+
+
+# ---- inside each Ray Train worker -----------------------------------------------------------------
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    model_cfg = ModelConfig.from_dict(config["model"])
+    cfg = TrainConfig.from_dict(config["train"])
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    seed_everything(cfg.seed + rank)
+    if not cfg.gpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    device = ray.train.torch.get_device()
+    amp = device.type == "cuda"
+
+    model = create_model(ModelConfig.from_dict({**config["model"], "pretrained": "none", "pretrained_file": None}))
+    model.load_state_dict(ray.get(config["initial_weights"]))
+    module = trainable_module(model, cfg.mode, cfg.cut_stage)
+    model.to(device)
+    if amp:
+        model.to(memory_format=torch.channels_last)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (cfg.batch_size * ctx.get_world_size())))
+    optimizer = make_optimizer(module.parameters(), cfg)
+    schedule = Schedule(optimizer, cfg, steps_per_epoch)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume after a failure or with --resume: nothing finished is lost
+        with checkpoint.as_directory() as d:
+            import safetensors.torch
+
+            model.load_state_dict(safetensors.torch.load_file(Path(d) / "model.safetensors", device=str(device)))
+            state = load_train_state(d)
+            meta = read_meta(d)
+        assert state is not None, "checkpoint has no train_state.pt"
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        stopper.load_state_dict(state["early_stopping"])
+        history = meta["metrics"]["history"]
+        start_epoch = meta["epoch"] + 1
+        if stopper.should_stop:
+            return
+
+    module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    criterion = loss_fn(cfg.loss)
+    columns = ["image", "age"] if cfg.mode == "finetune" else ["features", "age"]
+
+    def inputs_for(train: bool):
+        return lambda batch: batch_inputs(batch, cfg.mode, prep, train, cfg, generator, device)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = schedule.lr
+        train_batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8, drop_last=True,
+            local_shuffle_seed=cfg.seed + epoch * 1000 + rank,
+        )
+        tr = train_epoch(module, ({k: b[k] for k in columns} for b in train_batches), optimizer, schedule,
+                         criterion, inputs_for(True), device, amp)
+        # Validation runs on rank 0 over the whole (unsplit) validation set, on the unwrapped module so
+        # that no collective is involved; the sums below carry its result to every rank.
+        va_sum = va_n = va_w5 = va_sec = 0.0
+        if rank == 0:
+            val_batches = val_shard.iter_torch_batches(batch_size=cfg.batch_size * 2)
+            va = evaluate_epoch(getattr(module, "module", module), ({k: b[k] for k in columns} for b in val_batches),
+                                inputs_for(False), device, amp)
+            va_sum, va_n, va_w5, va_sec = va.abs_err_sum, va.count, va.within5, va.seconds
+        tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5 = _all_reduce(
+            [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5], device
+        )
+        row = {
+            "epoch": epoch,
+            "train_mae": tr_sum / max(tr_n, 1),
+            "val_mae": va_sum / max(va_n, 1),
+            "val_cs5": va_w5 / max(va_n, 1),
+            "lr": lr,
+            "images_per_s": tr_n / max(tr_sec / ctx.get_world_size(), 1e-9),
+            "epoch_seconds": tr.seconds + va_sec,
+        }
+        history.append(row)
+        stopper.update(row["val_mae"])
+        schedule.epoch_end(row["val_mae"])
+        metrics = {**row, "best_val_mae": stopper.best, "stopped": stopper.should_stop}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(
+                    tmp, model, model_cfg, prep, train_cfg=cfg.to_dict(),
+                    metrics={**metrics, "history": history}, epoch=epoch,
+                    train_state={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                 "early_stopping": stopper.state_dict()},
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stopper.should_stop:
+            break
+
+
+# ---- on the driver -----------------------------------------------------------------------------
+
+
+def _cache_key(prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None) -> str:
+    info = read_prepare_info(prepared)
+    blob = json.dumps(
+        {"prepared": info, "backbone": model_cfg.backbone, "pretrained": model_cfg.pretrained,
+         "file": model_cfg.pretrained_file, "prep": prep.to_dict(), "cut": cut_stage},
+        sort_keys=True,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def build_feature_cache(
+    prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None, cache_root: str | None = None
+) -> dict[str, str]:
+    """Run the lower network once over train and val (both views); reused while its inputs are unchanged."""
+    root = Path(cache_root or Path(prepared) / "cache") / _cache_key(prepared, model_cfg, prep, cut_stage)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    paths = {}
+    for split in ("train", "val"):
+        final = root / split
+        paths[split] = str(final)
+        if (final / "_COMPLETE").exists():
+            log.info("feature cache %s: reusing %s", split, final)
+            continue
+        start = time.perf_counter()
+        tmp = root / f"{split}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds = ray.data.read_parquet(split_dir(prepared, split)).select_columns(["image", "age"])
+        actors = max(1, int(gpus) if gpus else int(cpus // 2))
+        ds.map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage,
+                                   "threads": 0 if gpus else max(1, int(cpus // actors))},
+            batch_size=32, batch_format="numpy", concurrency=actors,
+            num_gpus=1 if gpus else 0, num_cpus=1,
+        ).write_parquet(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (final / "_COMPLETE").touch()
+        log.info("feature cache %s: %s in %.0f s", split, final, time.perf_counter() - start)
+    return paths
+
+
+def resolve_cut(model_cfg: ModelConfig, cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
+    if cfg.mode == "partial" and cfg.cut_stage is None:
+        return TrainConfig.from_dict({**cfg.to_dict(), "cut_stage": default_cut_stage(model.backbone)})
+    return cfg
+
+
+def train(
+    prepared: str,
+    out: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    cpus_per_worker: float | None = None,
+    storage_path: str | None = None,
+    cache_dir: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Train, write best/, metrics.csv and curves.png under ``out``; returns the best metrics."""
+    out_path = Path(out).resolve()
+    run_dir = Path(storage_path or out_path)
+    if (run_dir / RUN_NAME).exists() and not resume:
+        raise FileExistsError(f"{run_dir / RUN_NAME} holds an earlier run: pass --resume to continue it, "
+                              "or choose another --out")
+    info = read_prepare_info(prepared)
+    ages = info["splits"]["train"]
+    # regress standardised ages; the scaling travels in the checkpoint's model config
+    model_cfg = dataclasses.replace(model_cfg, target_mean=round(ages["mean"], 2), target_scale=round(max(ages["std"], 1.0), 2))
+    default_prep = default_preprocessing(model_cfg.backbone)
+    prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"])
+    model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
+    cfg = resolve_cut(model_cfg, cfg, model)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "config.json").write_text(json.dumps(
+        {"prepared": str(prepared), "model": model_cfg.to_dict(), "train": cfg.to_dict(),
+         "preprocessing": prep.to_dict()}, indent=2) + "\n")
+
+    init_ray(address)
+    if cfg.mode == "finetune":
+        data = {s: split_dir(prepared, s) for s in ("train", "val")}
+        columns = ["image", "age"]
+    else:
+        data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
+                                   cache_dir)
+        columns = ["features", "age"]
+    datasets = {s: ray.data.read_parquet(p).select_columns(columns) for s, p in data.items()}
+    datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
+    train_rows = info["counts"]["train"]
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    if cpus_per_worker is None:  # leave a CPU for Ray Data, or the workers starve the input pipeline
+        cpus_per_worker = 1.0 if cfg.gpu else max(0.25, min(4.0, (cpus - 1) / cfg.workers))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": model_cfg.to_dict(), "train": cfg.to_dict(), "preprocessing": prep.to_dict(),
+            "initial_weights": ray.put({k: v.cpu() for k, v in model.state_dict().items()}),
+            "train_rows": train_rows,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_mae",
+                checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+        ),
+        datasets=datasets,
+        # only training data is sharded; validation is read whole by rank 0, so no row is dropped to even shards
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    return finish(result, out_path)
+
+
+def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
+    """Copy the best checkpoint to OUT/best and draw the per-epoch metrics from the latest one."""
+    if result.error:
+        raise result.error
+    best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1]["val_mae"])
+    best = out / "best"
+    shutil.rmtree(best, ignore_errors=True)
+    best_ckpt.to_directory(str(best))
+    (best / "train_state.pt").unlink(missing_ok=True)  # inference needs no optimiser state
+    with result.checkpoint.as_directory() as latest:
+        history = pd.DataFrame(read_meta(latest)["metrics"]["history"])
+    history.to_csv(out / "metrics.csv", index=False)
+    plots.learning_curves(history, out / "curves.png")
+    meta = read_meta(best)
+    log.info("best validation MAE %.3f at epoch %d of %d run; checkpoint in %s",
+             meta["metrics"]["val_mae"], meta["epoch"], len(history), best)
+    return {k: v for k, v in meta["metrics"].items() if k != "history"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="age train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepared", required=True, help="output folder of `age prepare`")
+    p.add_argument("--out", required=True, help="run folder: best/, metrics.csv, curves.png")
+    p.add_argument("--backbone", default=ModelConfig.backbone, help="any timm model name")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained-file", default=None, help="local ImageNet weights (.safetensors/.pth)")
+    w.add_argument("--no-pretrained", action="store_true", help="start from random weights (much worse)")
+    p.add_argument("--mode", default=d.mode, choices=MODES)
+    p.add_argument("--cut-stage", type=int, default=None, help="partial mode: stages cached (default: all but the top)")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--min-delta", type=float, default=d.min_delta)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "adamw"))
+    p.add_argument("--schedule", default=d.schedule, choices=("cosine", "plateau", "constant"))
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--dropout", type=float, default=ModelConfig.dropout)
+    p.add_argument("--hidden", type=int, default=ModelConfig.hidden)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--loss", default=d.loss, choices=("l1", "smooth_l1"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-tta", action="store_true", help="validate without the horizontal-flip average")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default OUT; s3:// works)")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default PREPARED/cache)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    if args.pretrained_file:
+        pretrained, file = "file", str(Path(args.pretrained_file).resolve())
+    else:
+        pretrained, file = ("none" if args.no_pretrained else "hub"), None
+    model_cfg = ModelConfig(backbone=args.backbone, pretrained=pretrained, pretrained_file=file,
+                            hidden=args.hidden, dropout=args.dropout)
+    cfg = TrainConfig(
+        mode=args.mode, epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, lr=args.lr,
+        weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, loss=args.loss, workers=args.workers,
+        gpu=args.gpu, seed=args.seed, cut_stage=args.cut_stage, tta_flip=not args.no_tta,
+    )
+    return model_cfg, cfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    model_cfg, cfg = configs_from_args(args)
+    return train(args.prepared, args.out, model_cfg, cfg, resume=args.resume, cpus_per_worker=args.cpus_per_worker,
+                 storage_path=args.storage_path, cache_dir=args.cache_dir, address=args.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: small real subsets of ../shared/data/faces and bad files made on the spot."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+FACES = Path(os.environ.get("AGECORE_FACES", Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def faces_root() -> Path:
+    if not (FACES / "labels.csv").is_file():
+        pytest.skip(f"face data not found at {FACES} (set AGECORE_FACES)")
+    return FACES
+
+
+def subset(faces_root: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` labelled rows spread over all ages (every 1/n-th row of the age-sorted list)."""
+    labels = pd.read_csv(faces_root / "labels.csv").sort_values(["real_age", "file_name"]).reset_index(drop=True)
+    idx = np.linspace(0, len(labels) - 1, n).round().astype(int)
+    return labels.iloc[np.unique(idx)].reset_index(drop=True)
+
+
+def make_labels_dir(faces_root: Path, dest: Path, n: int) -> Path:
+    """A reference-layout folder (labels.csv + final_files/) of ``n`` real faces, linked not copied."""
+    rows = subset(faces_root, n)
+    (dest / "final_files").mkdir(parents=True)
+    for name in rows["file_name"]:
+        os.symlink(faces_root / "final_files" / name, dest / "final_files" / name)
+    rows.to_csv(dest / "labels.csv", index=False)
+    return dest
+
+
+def jpeg_bytes(size=(64, 64), color=(120, 80, 60), mode="RGB", fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode != "L" else 128).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def plant_bad_files(folder: Path, real_jpeg: Path) -> dict[str, str]:
+    """Write one file per reject reason into ``folder``; returns file name -> expected reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = real_jpeg.read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "text.jpg").write_text("this is not an image\n")
+    (folder / "tiny.jpg").write_bytes(jpeg_bytes((8, 8)))
+    # a decompression bomb: a small PNG file that decodes to more pixels than the limit
+    Image.new("L", (9000, 9000)).save(folder / "bomb.png", optimize=True)
+    shutil.copy(real_jpeg, folder / "copy_a.jpg")
+    shutil.copy(real_jpeg, folder / "copy_b.jpg")
+    return {
+        "empty.jpg": "empty_file",
+        "truncated.jpg": "truncated",
+        "text.jpg": "not_an_image",
+        "tiny.jpg": "too_small",
+        "bomb.png": "too_many_pixels",
+        "missing.jpg": "missing_file",
+        "copy_a.jpg": "conflicting_duplicate",
+        "copy_b.jpg": "conflicting_duplicate",
+    }

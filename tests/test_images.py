@@ -1,0 +1,74 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agecore.config import Preprocessing
+from agecore.images import ImageError, decode, load_image, normalize, read_bytes, resize_square
+from tests.conftest import jpeg_bytes
+
+
+def test_decode_reasons(tmp_path):
+    good = jpeg_bytes((80, 80))
+    cases = {
+        b"": "empty_file",
+        b"hello, not an image": "not_an_image",
+        good[: len(good) // 2]: "truncated",
+        jpeg_bytes((10, 10)): "too_small",
+    }
+    for data, reason in cases.items():
+        with pytest.raises(ImageError) as e:
+            decode(data, min_side=32)
+        assert e.value.reason == reason
+    with pytest.raises(ImageError) as e:
+        decode(jpeg_bytes((300, 300)), max_pixels=200 * 200)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageError) as e:
+        read_bytes(str(tmp_path / "nope.jpg"))
+    assert e.value.reason == "missing_file"
+
+
+def test_modes_become_rgb():
+    for mode in ("L", "RGBA", "CMYK", "P"):
+        fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+        img = decode(jpeg_bytes((40, 40), mode=mode, fmt=fmt, color=(10, 20, 30, 0)[: len(mode)] if mode != "P" else 3))
+        assert img.mode == "RGB" and img.size == (40, 40)
+
+
+def test_transparent_png_is_composited_on_white():
+    buf = io.BytesIO()
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(buf, "PNG")
+    assert np.asarray(decode(buf.getvalue())).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    assert decode(buf.getvalue()).size == (40, 60)
+
+
+def test_resize_square_centre_crops_without_distortion():
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (50, 0, 150, 100))  # white centre square
+    out = resize_square(img, 50)
+    assert out.shape == (50, 50, 3) and out.dtype == np.uint8
+    assert out[5:-5, 5:-5].min() > 240  # the crop is the white centre
+
+
+def test_load_image_is_deterministic():
+    data = jpeg_bytes((90, 120))
+    assert np.array_equal(load_image(data, 64), load_image(data, 64))
+
+
+def test_normalize_matches_mean_std_and_resizes():
+    prep = Preprocessing(input_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    batch = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
+    x = normalize(batch, prep)
+    assert x.shape == (2, 3, 32, 32)
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.5, 3.0, 3.5]))
+    assert normalize(torch.zeros(1, 64, 64, 3, dtype=torch.uint8), prep).shape == (1, 3, 32, 32)
