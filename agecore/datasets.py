@@ -243,3 +243,27 @@ def assign_splits(
         for i, digest in enumerate(members):
             split_of_group[digest] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return meta["digest"].map(split_of_group).rename("split")
+
+
+def list_images(source: str) -> list[str]:
+    """Every image a scoring job should score: a folder (recursive, by extension, sorted), a
+    manifest CSV/Parquet with a ``path`` column, or the same behind a URI."""
+    if source.endswith((".csv", ".parquet")):
+        table = _read_table(source)
+        if "path" not in table:
+            raise ValueError(f"manifest {source} has no 'path' column")
+        root = source.rsplit("/", 1)[0] if is_uri(source) else os.path.dirname(os.path.abspath(source))
+        return [_join(root, str(p)) for p in table["path"]]
+    if is_uri(source):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(source)
+        scheme = source.split("://", 1)[0]
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+        return sorted(f"{scheme}://{i.path}" for i in infos if i.is_file and _has_image_suffix(i.path))
+    root = Path(source)
+    if root.is_file():
+        return [os.path.abspath(root)]
+    if not root.is_dir():
+        raise FileNotFoundError(f"--input {source}: no such file or folder")
+    return sorted(os.path.abspath(p) for p in root.rglob("*") if p.is_file() and _has_image_suffix(p.name))

@@ -103,17 +103,20 @@ def decode(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 32) -> 
         raise ImageError(reason, str(e)) from e
     except Exception as e:  # PIL plugins raise assorted errors on corrupt streams
         raise ImageError("undecodable", f"{type(e).__name__}: {e}") from e
-    img = ImageOps.exif_transpose(img)
+    img = to_rgb(ImageOps.exif_transpose(img))
+    if min(img.size) < min_side:
+        raise ImageError("too_small", f"{img.size[0]}x{img.size[1]} is under the minimum side of {min_side}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels become white rather than whatever colour they hid."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
-        img = background
-    elif img.mode != "RGB":
-        img = img.convert("RGB")
-    if min(img.size) < min_side:
-        raise ImageError("too_small", f"{img.size[0]}x{img.size[1]} is under the minimum side of {min_side}")
-    return img
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:

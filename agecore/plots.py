@@ -7,12 +7,12 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+matplotlib.use("Agg")  # files only: no display is needed or wanted
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from agecore.datasets import AGE_BAND_LABELS, age_band  # noqa: E402
+from agecore.datasets import AGE_BAND_LABELS, age_band
 
 SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 

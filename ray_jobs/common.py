@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+import ray.data
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -29,3 +30,22 @@ def init_ray(address: str | None = None) -> None:
     else:
         ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
     logging.getLogger(__name__).info("Ray resources: %s", ray.cluster_resources())
+
+
+def model_actor_options(gpu: bool = False, actors: int | None = None) -> tuple[dict, int]:
+    """``map_batches`` options for model actors, and the torch threads each should use.
+
+    On CPUs each actor asks Ray for one CPU but runs two threads, so that on a small machine a
+    CPU is left for Ray Data's read and write tasks (a pool that takes every CPU starves them
+    and the pipeline stalls); on GPUs, one actor per GPU.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1), int(resources.get("GPU", 0))
+    if gpu:
+        if not gpus:
+            raise RuntimeError("--gpu asked for, but the Ray cluster has no GPU")
+        n = actors or gpus
+        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_gpus": 1, "num_cpus": 1}, 0
+    n = actors or max(1, int(cpus // 2))
+    threads = max(1, int(cpus // n))
+    return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": 1}, threads

@@ -82,9 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = create_model(ModelConfig.from_dict({**config["model"], "pretrained": "none", "pretrained_file": None}))
     model.load_state_dict(ray.get(config["initial_weights"]))
     module = trainable_module(model, cfg.mode, cfg.cut_stage)
-    model.to(device)
-    if amp:
-        model.to(memory_format=torch.channels_last)
+    # channels_last pays on CPUs too: 50 against 33 images/s training EfficientNet-Lite0's top stages
+    model.to(device, memory_format=torch.channels_last)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -202,8 +201,9 @@ def build_feature_cache(
         ds.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage,
-                                   "threads": 0 if gpus else max(1, int(cpus // actors))},
-            batch_size=32, batch_format="numpy", concurrency=actors,
+                                   "threads": 0 if gpus else max(1, int(cpus // actors)),
+                                   "device": "cuda" if gpus else "cpu"},
+            batch_size=16, batch_format="numpy", concurrency=actors,
             num_gpus=1 if gpus else 0, num_cpus=1,
         ).write_parquet(str(tmp))
         shutil.rmtree(final, ignore_errors=True)

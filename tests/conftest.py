@@ -77,3 +77,27 @@ def plant_bad_files(folder: Path, real_jpeg: Path) -> dict[str, str]:
         "copy_a.jpg": "conflicting_duplicate",
         "copy_b.jpg": "conflicting_duplicate",
     }
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting one costs seconds on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_small(faces_root, tmp_path_factory, ray_local) -> Path:
+    """300 real faces prepared at 64 px through the real job: the input of the training tests."""
+    from agecore.config import PrepareConfig
+    from ray_jobs.prepare import prepare
+
+    root = tmp_path_factory.mktemp("faces300")
+    data = make_labels_dir(faces_root, root / "data", 300)
+    out = root / "prepared"
+    prepare(PrepareConfig(data=str(data), out=str(out), image_size=64, val_fraction=0.2, seed=0), "bicubic")
+    return out

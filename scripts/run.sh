@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up, then run the whole pipeline on a local Ray (or the cluster in RAY_ADDRESS):
+#   prepare -> train -> evaluate (attaching error quantiles) -> score the validation images.
+#
+#   bash scripts/run.sh DATA OUT
+#
+# Environment knobs: BACKBONE (default resnet50), PRETRAINED_FILE (local ImageNet weights;
+# without it timm's hub is used), MODE (partial|frozen|finetune, default partial),
+# EPOCHS (default 8), EXTRA_TRAIN_ARGS (passed to `age train` as they are).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: scripts/run.sh DATA OUT}
+OUT=${2:?usage: scripts/run.sh DATA OUT}
+bash scripts/setup.sh
+AGE=.venv/bin/age
+WEIGHTS=()
+[ -n "${PRETRAINED_FILE:-}" ] && WEIGHTS=(--pretrained-file "$PRETRAINED_FILE")
+$AGE prepare --data "$DATA" --out "$OUT/prepared" --backbone "${BACKBONE:-resnet50}"
+# shellcheck disable=SC2086
+$AGE train --prepared "$OUT/prepared" --out "$OUT/train" --backbone "${BACKBONE:-resnet50}" "${WEIGHTS[@]}" \
+    --mode "${MODE:-partial}" --epochs "${EPOCHS:-8}" ${EXTRA_TRAIN_ARGS:-}
+$AGE evaluate --checkpoint "$OUT/train/best" --data "$OUT/prepared" --out "$OUT/eval" --attach
+.venv/bin/python -c "import pandas as pd, sys; d = pd.read_parquet(sys.argv[1] + '/data/split=val', columns=['path']); d.to_csv(sys.argv[1] + '/val_paths.csv', index=False)" "$OUT/prepared"
+$AGE score --checkpoint "$OUT/train/best" --input "$OUT/prepared/val_paths.csv" --out "$OUT/scores"
+echo "done: $OUT/eval/report.md, $OUT/train/curves.png, $OUT/scores/"

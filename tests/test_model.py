@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from agecore.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from agecore.config import ModelConfig, Preprocessing
+from agecore.model import create_backbone, create_model, default_cut_stage, split_model, trainable_module
+
+TINY = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16, dropout=0.2)
+
+
+def test_forward_shape_no_nan_and_years():
+    model = create_model(TINY).eval()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3,) and torch.isfinite(out).all()
+    # a fresh head starts near the target mean, so early losses are in years, not thousands
+    assert (out - TINY.target_mean).abs().max() < 3 * TINY.target_scale
+
+
+@pytest.mark.parametrize("mode", ["finetune", "partial", "frozen"])
+def test_every_trainable_parameter_gets_a_gradient(mode):
+    model = create_model(TINY)
+    cut = default_cut_stage(model.backbone) if mode == "partial" else None
+    module = trainable_module(model, mode, cut)
+    lower, _ = split_model(model, cut) if mode != "finetune" else (None, None)
+    x = torch.randn(4, 3, 64, 64)
+    if lower is not None:
+        with torch.no_grad():
+            x = lower(x)
+    module.train()
+    module(x).sum().backward()
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if lower is not None:
+        assert all(not p.requires_grad for p in lower.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "tf_efficientnet_lite0"])
+def test_split_model_composes_to_the_whole(backbone):
+    model = create_model(ModelConfig(backbone=backbone, pretrained="none")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for cut in (None, 1, default_cut_stage(model.backbone)):
+        lower, upper = split_model(model, cut)
+        assert torch.allclose(upper(lower(x)), model(x), atol=1e-4)
+
+
+def test_partial_mode_refuses_unknown_families():
+    model = create_model(ModelConfig(backbone="test_vit", pretrained="none"))
+    with pytest.raises(ValueError, match="--mode frozen"):
+        split_model(model, 1)
+
+
+def test_pretrained_file_loads_by_name_and_by_position(tmp_path):
+    import safetensors.torch
+
+    reference = create_backbone(ModelConfig(backbone="test_resnet", pretrained="none"))
+    import timm
+
+    full = timm.create_model("test_resnet", pretrained=False)
+    state = full.state_dict()
+    safetensors.torch.save_file(state, tmp_path / "same.safetensors")
+    renamed = {f"m{i}.{k.replace('.', '_')}": v for i, (k, v) in enumerate(state.items())}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    for name in ("same.safetensors", "renamed.pth"):
+        got = create_backbone(ModelConfig(backbone="test_resnet", pretrained="file", pretrained_file=str(tmp_path / name)))
+        assert torch.equal(got.conv1[0].weight, full.conv1[0].weight)
+        assert not torch.equal(got.conv1[0].weight, reference.conv1[0].weight)
+    torch.save({"a": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="same architecture"):
+        create_backbone(ModelConfig(backbone="test_resnet", pretrained="file", pretrained_file=str(tmp_path / "other.pth")))
+
+
+def test_hub_failure_names_both_ways_out(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"--pretrained-file.*--no-pretrained"):
+        create_backbone(ModelConfig(backbone="resnet50", pretrained="hub"))
+
+
+def test_checkpoint_round_trip_describes_itself(tmp_path):
+    model = create_model(TINY).eval()
+    prep = Preprocessing(input_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    save_checkpoint(tmp_path, model, TINY, prep, train_cfg={"mode": "frozen"}, metrics={"val_mae": 7.5}, epoch=3)
+    loaded, meta = load_checkpoint(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded(x), model(x))
+    assert meta["preprocessing"]["input_size"] == 64 and meta["model"]["backbone"] == "test_resnet"
+    assert meta["metrics"]["val_mae"] == 7.5 and meta["epoch"] == 3 and "torch" in meta["versions"]
+    assert not (tmp_path / "train_state.pt").exists()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.json"):
+        read_meta(tmp_path / "nothing")

@@ -1,0 +1,85 @@
+"""The prepare job end to end through a local Ray: readers, rejects, splits, pixels, report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from agecore.config import PrepareConfig
+from agecore.images import load_image, read_bytes
+from ray_jobs.prepare import prepare
+from tests.conftest import make_labels_dir, plant_bad_files
+
+
+@pytest.fixture(scope="module")
+def dirty(faces_root, tmp_path_factory):
+    """About 300 real faces with one bad file per reason and bad label rows mixed in."""
+    root = make_labels_dir(faces_root, tmp_path_factory.mktemp("dirty") / "data", 300)
+    labels = pd.read_csv(root / "labels.csv")
+    expected = plant_bad_files(root / "final_files", root / "final_files" / labels["file_name"][0])
+    bad_rows = [{"file_name": n, "real_age": 30} for n in expected]
+    bad_rows[-1]["real_age"] = 31  # copy_b: same picture as copy_a, another age
+    bad_rows += [
+        {"file_name": labels["file_name"][1], "real_age": 99},  # duplicate row (the first row is kept)
+        {"file_name": labels["file_name"][2] + "x", "real_age": "forty"},  # bad label
+        {"file_name": labels["file_name"][3] + "y", "real_age": 150},  # out of range
+    ]
+    pd.concat([labels, pd.DataFrame(bad_rows)]).to_csv(root / "labels.csv", index=False)
+    return root, expected, len(labels)
+
+
+@pytest.fixture(scope="module")
+def prepared(dirty, tmp_path_factory, ray_local):
+    root, _, _ = dirty
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = PrepareConfig(data=str(root), out=str(out), image_size=64, val_fraction=0.2, test_fraction=0.1, seed=1)
+    return out, prepare(cfg, "bicubic")
+
+
+def test_every_bad_item_is_rejected_with_its_reason(dirty, prepared):
+    _, expected, n_good = dirty
+    out, summary = prepared
+    rejects = pd.read_csv(out / "rejects.csv")
+    by_name = {p.rsplit("/", 1)[-1]: r for p, r in zip(rejects["path"], rejects["reason"], strict=True)}
+    for name, reason in expected.items():
+        assert by_name[name] == reason, name
+    # the copies were made of the first real face (age 1): it conflicts with them and goes too
+    assert by_name[pd.read_csv(dirty[0] / "labels.csv")["file_name"][0]] == "conflicting_duplicate"
+    assert rejects["reason"].value_counts().to_dict() == {
+        **pd.Series(list(expected.values())).value_counts().to_dict(),
+        "conflicting_duplicate": 3, "duplicate_row": 1, "bad_label": 1, "age_out_of_range": 1}
+    assert summary["accepted"] == n_good - 1
+    assert summary["accepted"] + summary["rejected"] == summary["listed"] == n_good + len(expected) + 3
+    assert rejects["detail"].str.len().min() > 0
+
+
+def test_parquet_holds_exactly_the_preprocessed_pixels_and_splits_are_disjoint(prepared):
+    out, summary = prepared
+    table = pq.read_table(out / "data").to_pandas()
+    assert len(table) == summary["accepted"]
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert table.groupby("digest")["split"].nunique().max() == 1
+    for _, row in table.sample(5, random_state=0).iterrows():
+        stored = np.asarray(row["image"], dtype=np.uint8).reshape(64, 64, 3)
+        assert np.array_equal(stored, load_image(read_bytes(row["path"]), 64, "bicubic"))
+    counts = table["split"].value_counts()
+    assert counts["val"] == pytest.approx(0.2 * len(table), abs=6)
+
+
+def test_report_is_complete(prepared):
+    out, summary = prepared
+    saved = json.loads((out / "report" / "summary.json").read_text())
+    assert saved["splits"]["train"]["count"] + saved["splits"]["val"]["count"] + saved["splits"]["test"]["count"] == \
+        summary["accepted"]
+    for name in ("age_hist.png", "samples.png"):
+        assert (out / "report" / name).stat().st_size > 10_000
+    info = json.loads((out / "prepare.json").read_text())
+    assert info["image_size"] == 64 and info["config"]["seed"] == 1
+
+
+def test_strict_fails_on_rejects(dirty, tmp_path, ray_local):
+    root, _, _ = dirty
+    with pytest.raises(ValueError, match="--strict"):
+        prepare(PrepareConfig(data=str(root), out=str(tmp_path), image_size=64, strict=True), "bicubic")

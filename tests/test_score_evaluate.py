@@ -1,0 +1,115 @@
+"""Evaluation and bulk scoring through a local Ray: one row per input, errors named, resumable."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from agecore.checkpoint import save_checkpoint
+from agecore.config import ModelConfig, Preprocessing
+from agecore.model import create_model
+from ray_jobs.evaluate import evaluate
+from ray_jobs.score import score
+from tests.conftest import jpeg_bytes, subset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16)
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(path, create_model(cfg).eval(), cfg,
+                    Preprocessing(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3), train_cfg={"tta_flip": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(faces_root, tmp_path_factory):
+    """Good faces and every kind of awkward file a real collection holds."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for name in subset(faces_root, 40)["file_name"]:
+        shutil.copy(faces_root / "final_files" / name, folder / name)
+    good = (folder / name).read_bytes()
+    (folder / "sub").mkdir()
+    (folder / "sub" / "corrupt.jpg").write_bytes(good[:200])
+    (folder / "sub" / "empty.jpg").write_bytes(b"")
+    (folder / "sub" / "text.jpg").write_text("not an image")
+    buf = io.BytesIO()
+    Image.new("RGBA", (90, 90), (255, 0, 0, 128)).save(buf, "PNG")
+    (folder / "sub" / "alpha.png").write_bytes(buf.getvalue())
+    (folder / "cmyk.jpg").write_bytes(jpeg_bytes((80, 80), mode="CMYK", color=(0, 50, 50, 0)))
+    (folder / "grey.jpg").write_bytes(jpeg_bytes((80, 80), mode="L"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 80), (30, 60, 90)).save(buf, "JPEG", exif=exif)
+    (folder / "rotated.jpg").write_bytes(buf.getvalue())
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    return folder, {"corrupt.jpg": "truncated", "empty.jpg": "empty_file", "text.jpg": "not_an_image"}
+
+
+def read_scores(out):
+    return pq.read_table(out).to_pandas()
+
+
+def test_score_gives_one_row_per_image_with_errors(checkpoint, mixed_folder, tmp_path, ray_local):
+    folder, bad = mixed_folder
+    summary = score(str(checkpoint), str(folder), str(tmp_path / "scores"), batch_size=16)
+    rows = read_scores(tmp_path / "scores")
+    images = [p for p in folder.rglob("*") if p.suffix in (".jpg", ".png")]
+    assert len(rows) == len(images) == summary["images"] and rows["path"].is_unique
+    by_name = rows.set_index(rows["path"].str.rsplit("/", n=1).str[1])
+    for name, reason in bad.items():
+        assert np.isnan(by_name.loc[name, "predicted_age"]) and by_name.loc[name, "error"].startswith(reason)
+    good = rows[~rows["path"].str.rsplit("/", n=1).str[1].isin(bad)]
+    assert good["predicted_age"].notna().all() and (good["error"] == "").all()
+
+
+def test_interrupted_score_run_is_completed_without_duplicates(checkpoint, mixed_folder, tmp_path, ray_local):
+    folder, _ = mixed_folder
+    out = tmp_path / "scores"
+    score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    parts = sorted(out.glob("*.parquet"))
+    assert len(parts) >= 3
+    first_rows = read_scores(out)
+    for part in parts[1:]:  # as if the run had died after its first part
+        part.unlink()
+    (out / ".tmp-part-leftover.parquet").write_bytes(b"half a file")
+    again = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    rows = read_scores(out)
+    assert again["skipped_already_scored"] == 10
+    assert len(rows) == len(first_rows) and rows["path"].is_unique
+    merged = rows.merge(first_rows, on="path", suffixes=("", "_first"))
+    assert np.allclose(merged["predicted_age"], merged["predicted_age_first"], equal_nan=True, atol=1e-4)
+
+
+def test_evaluate_report_on_a_prepared_split(checkpoint, prepared_small, tmp_path, ray_local):
+    report = evaluate(str(checkpoint), str(prepared_small), str(tmp_path), split="val", attach=True)
+    n_val = json.loads((prepared_small / "report" / "summary.json").read_text())["splits"]["val"]["count"]
+    assert report["scored"] == n_val and report["unscored"] == 0
+    for name in ("report.json", "report.md", "scatter.png", "error_by_age.png", "worst.png", "predictions.parquet"):
+        assert (tmp_path / name).is_file(), name
+    preds = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert np.isclose(np.abs(preds["predicted_age"] - preds["age"]).mean(), report["metrics"]["mae"], atol=1e-3)
+    assert {r["age_band"] for r in report["per_age_band"]} >= {"0-2", "65+"}
+    assert "per_gender" in report and "per_race" in report
+    cal = json.loads((checkpoint / "calibration.json").read_text())
+    assert cal["overall"]["count"] == n_val
+
+
+def test_evaluate_on_raw_labelled_folder_counts_bad_rows(checkpoint, faces_root, tmp_path, ray_local):
+    rows = subset(faces_root, 30)
+    manifest = pd.DataFrame({"path": [str(faces_root / "final_files" / n) for n in rows["file_name"]],
+                             "age": rows["real_age"]})
+    manifest.loc[len(manifest)] = [str(tmp_path / "missing.jpg"), 30]
+    manifest.loc[len(manifest)] = [manifest["path"][0] + "?", "old"]
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    report = evaluate(str(checkpoint), str(tmp_path / "m.csv"), str(tmp_path / "eval"))
+    assert report["rows"] == 32 and report["scored"] == 30
+    assert report["unscored_by_reason"] == {"missing_file": 1, "bad_label": 1}
