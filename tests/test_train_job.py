@@ -16,15 +16,18 @@ pytestmark = pytest.mark.slow
 TINY = ModelConfig(backbone="test_resnet", pretrained="none", hidden=32, dropout=0.1)
 
 
-def run(prepared, out, **kw):
+def run(prepared, out, attach=False, **kw):
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 32, "workers": 2, "lr": 1e-3, "warmup_epochs": 0.2, **kw})
-    return train(str(prepared), str(out), TINY, cfg, cpus_per_worker=0.5)
+    return train(str(prepared), str(out), TINY, cfg, cpus_per_worker=0.5, attach=attach)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "partial", "finetune"])
 def test_two_worker_run_ends_in_a_checkpoint_that_predicts(prepared_small, tmp_path, mode):
-    best = run(prepared_small, tmp_path, mode=mode)
+    best = run(prepared_small, tmp_path, mode=mode, attach=mode == "partial")
     assert np.isfinite(best["val_mae"])
+    if mode == "partial":  # best/ re-scored from images by the Predictor agrees with training's validation
+        assert best["val_mae_predictor"] == pytest.approx(best["val_mae"], abs=0.05)
+        assert (tmp_path / "best" / "calibration.json").is_file()
     for name in ("best/model.safetensors", "best/checkpoint.json", "metrics.csv", "curves.png", "config.json"):
         assert (tmp_path / name).is_file(), name
     history = pd.read_csv(tmp_path / "metrics.csv")
@@ -50,7 +53,7 @@ def test_resume_continues_from_the_last_finished_epoch(prepared_small, tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         run(prepared_small, tmp_path, mode="frozen", epochs=4)
     cfg = TrainConfig(epochs=4, batch_size=32, workers=2, lr=1e-3, warmup_epochs=0.2, mode="frozen")
-    train(str(prepared_small), str(tmp_path), TINY, cfg, cpus_per_worker=0.5, resume=True)
+    train(str(prepared_small), str(tmp_path), TINY, cfg, cpus_per_worker=0.5, resume=True, attach=False)
     resumed = pd.read_csv(tmp_path / "metrics.csv")
     assert resumed["epoch"].tolist() == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(resumed.iloc[:2], first, check_exact=False)

@@ -1,0 +1,32 @@
+"""A tiny Ray Tune search end to end: every trial recorded, a failing trial contained, the best promoted."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agecore.checkpoint import read_meta
+from agecore.predictor import Predictor
+from ray_jobs.tune import build_parser, tune_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_path):
+    # dropout 1.5 is invalid: that trial raises inside its worker and must be recorded, not sink the search
+    args = build_parser().parse_args([
+        "--prepared", str(prepared_small), "--out", str(tmp_path), "--samples", "1", "--mode", "frozen",
+        "--backbone", "test_resnet", "--no-pretrained", "--epochs", "2", "--grace", "1",
+        "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003",
+    ])
+    table = tune_run(args)
+    saved = pd.read_csv(tmp_path / "trials.csv")
+    assert len(saved) == len(table) == 4
+    failed = saved[saved["status"] == "ERROR"]
+    assert failed["config/dropout"].tolist() == [1.5] and "dropout" in failed["error"].iloc[0]
+    ok = saved[saved["status"] == "OK"]
+    assert len(ok) == 3 and ok["best_val_mae"].notna().all()
+    best_meta = read_meta(tmp_path / "best")
+    assert best_meta["metrics"]["val_mae"] == pytest.approx(ok["best_val_mae"].min(), abs=1e-6)
+    assert best_meta["model"]["dropout"] == pytest.approx(ok.loc[ok["best_val_mae"].idxmin(), "config/dropout"])
+    assert (tmp_path / "tune.png").stat().st_size > 10_000
+    assert Predictor(tmp_path / "best").predict_arrays(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1,)
