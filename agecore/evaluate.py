@@ -33,9 +33,9 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     Serving knows only the prediction, so the bands are taken on it: "for estimates in 18-24,
     95% of true ages were above estimate - q95".
 
-    >>> cal = calibration(np.array([20.0, 22, 24, 30]), np.array([21.0, 21, 25, 33]))
-    >>> cal["bands"]["18-24"]["count"], cal["bands"]["18-24"]["q0.5"]
-    (3, 1.0)
+    >>> cal = calibration(np.array([20.0, 22, 24, 30]), np.array([21.0, 23, 25, 33]))
+    >>> cal["bands"]["18-24"]["count"], cal["bands"]["18-24"]["q0.5"], cal["bands"]["25-34"]["count"]
+    (2, 1.0, 2)
     """
     err = np.asarray(pred, float) - np.asarray(true, float)
     bands = age_band(pred)
@@ -76,7 +76,7 @@ def build_report(table: pd.DataFrame, out: str | Path, meta: dict[str, Any] | No
         "rows": len(table),
         "scored": len(scored),
         "unscored": len(failed),
-        "unscored_by_reason": failed["error"].str.split(":").str[0].value_counts().to_dict(),
+        "unscored_by_reason": failed["error"].astype(str).str.split(":").str[0].value_counts().to_dict(),
         "metrics": metrics.summary(pred, true),
         "per_age_band": _records(metrics.per_band(pred, true)),
     }

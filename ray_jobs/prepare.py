@@ -34,6 +34,9 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
     records, fmt = read_records(cfg.data, cfg.format)
     log.info("%s: %d rows read as %s", cfg.data, len(records), fmt)
     records, label_rejects = validate_labels(records, cfg.max_age)
+    # Shards keep row order, and collections are often sorted (UTKFace names start with the age): shuffle
+    # once here, or every training batch drawn through a local shuffle buffer would hold one age.
+    records = records.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     if cfg.strict and len(label_rejects):
         raise ValueError(f"--strict: {len(label_rejects)} label rows rejected, first: {label_rejects.iloc[0].to_dict()}")
 

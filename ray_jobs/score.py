@@ -47,7 +47,8 @@ def done_paths(out: str) -> set[str]:
     info = fs.get_file_info(root)
     if info.type == pyarrow.fs.FileType.NotFound:
         return set()
-    parts = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root)) if f.path.endswith(".parquet")]
+    parts = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
+             if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")]
     done: set[str] = set()
     for part in parts:
         done.update(pq.read_table(part, columns=["path"], filesystem=fs).column("path").to_pylist())
@@ -67,14 +68,14 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None) -> dict:
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
     paths = list_images(input)
-    done = done_paths(out)
-    todo = [p for p in dict.fromkeys(paths) if p not in done]
-    log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
     fs, root = _output_fs(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        if Path(stale.path).name.startswith(".tmp-"):
+        if stale.base_name.startswith(".tmp-"):  # a part an interrupted run did not finish writing
             fs.delete_file(stale.path)
+    done = done_paths(out)
+    todo = [p for p in dict.fromkeys(paths) if p not in done]
+    log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
     start, written, failed = time.perf_counter(), 0, 0
     if todo:
         init_ray(address)

@@ -64,6 +64,9 @@ def test_parquet_holds_exactly_the_preprocessed_pixels_and_splits_are_disjoint(p
     for _, row in table.sample(5, random_state=0).iterrows():
         stored = np.asarray(row["image"], dtype=np.uint8).reshape(64, 64, 3)
         assert np.array_equal(stored, load_image(read_bytes(row["path"]), 64, "bicubic"))
+    # the input is sorted by age; the shards must not be, or training batches would each hold one age
+    train = pq.read_table(out / "data" / "split=train", columns=["age"]).column("age").to_numpy()
+    assert abs(np.corrcoef(np.arange(len(train)), train)[0, 1]) < 0.3
     counts = table["split"].value_counts()
     assert counts["val"] == pytest.approx(0.2 * len(table), abs=6)
 
