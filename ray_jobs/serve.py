@@ -9,8 +9,8 @@ Routes: ``POST /v1/age`` (one image: multipart field ``file`` or a raw image bod
 Concurrent requests share forward passes through ``@serve.batch``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and
+# Serve's class-based ingress does not resolve string annotations such as "Request".
 import argparse
 import asyncio
 import json
