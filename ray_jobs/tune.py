@@ -107,9 +107,14 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
     setup = setup_run(args.prepared, model_cfg, cfg, cpus_per_worker=args.cpus_per_worker, address=args.address)
     cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = setup.cpus_per_worker * cfg.workers
-    concurrent = args.concurrent or max(1, int((cpus - 1) // per_trial) if not cfg.gpu else
+    # each trial's input pipeline needs about a CPU of its own beside its workers, or trials starve each other
+    concurrent = args.concurrent or max(1, int((cpus - 1) // (per_trial + 1)) if not cfg.gpu else
                                         int(ray.cluster_resources().get("GPU", 1) // cfg.workers))
-    trainable = tune.with_parameters(run_trial, setup=setup, trials_dir=str(trials_dir))
+    # A trial only drives its TorchTrainer, whose workers hold the resources: a trial that held a whole
+    # CPU itself would leave a small machine none for its workers, and the search would hang. (Tune
+    # refuses an empty request, hence a token share.)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, trials_dir=str(trials_dir)),
+                                    {"CPU": 0.01})
     experiment = str(out / SEARCH_NAME)
     if args.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming the search in %s", experiment)
@@ -121,8 +126,8 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
             trainable,
             param_space=search_space(args),
             tune_config=tune.TuneConfig(
-                metric="val_mae", mode="min", num_samples=args.samples, max_concurrent_trials=concurrent,
-                search_alg=tune.search.BasicVariantGenerator(random_state=args.seed),
+                metric="val_mae", mode="min", num_samples=args.samples,
+                search_alg=tune.search.BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
                 scheduler=tune.schedulers.ASHAScheduler(max_t=args.epochs, grace_period=min(args.grace, args.epochs),
                                                         reduction_factor=3),
             ),

@@ -1,0 +1,70 @@
+"""Images/s of ``age score`` against the model's ceiling and a naive loop, in one run.
+
+    python benchmarks/score.py --checkpoint runs/train/best --images ../shared/data/faces/final_files --limit 5000
+
+1. the Ray Data scoring job (``ray_jobs.score``: read, decode, preprocess, predict, write Parquet);
+2. the ceiling: the predictor's forward pass alone on tensors decoded beforehand;
+3. a naive loop: PIL open, preprocess, model on a batch of one, per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agecore.datasets import list_images
+from agecore.images import decode, read_bytes, resize_square
+from agecore.predictor import Predictor
+from ray_jobs.common import init_ray, setup_logging
+from ray_jobs.score import score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--limit", type=int, default=5000)
+    p.add_argument("--naive-limit", type=int, default=300, help="the naive loop is slow: time it on fewer images")
+    args = p.parse_args()
+    setup_logging()
+    paths = list_images(args.images)[: args.limit]
+    work = Path(tempfile.mkdtemp())
+    manifest = work / "paths.csv"
+    pd.DataFrame({"path": paths}).to_csv(manifest, index=False)
+
+    init_ray()
+    start = time.perf_counter()
+    score(args.checkpoint, str(manifest), str(work / "scores"))
+    job = len(paths) / (time.perf_counter() - start)
+
+    predictor = Predictor(args.checkpoint)
+    size, interp = predictor.prep.input_size, predictor.prep.interpolation
+    arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths[:1024]])
+    predictor.predict_arrays(arrays[:32])  # warm-up
+    start = time.perf_counter()
+    predictor.predict_arrays(arrays)
+    ceiling = len(arrays) / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    for x in paths[: args.naive_limit]:
+        predictor.predict([decode(read_bytes(x))])
+    naive = args.naive_limit / (time.perf_counter() - start)
+    shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n{len(paths)} images, checkpoint {args.checkpoint} ({predictor.meta['model']['backbone']}, "
+          f"{size} px, flip TTA {predictor.tta_flip}):")
+    print("| method | images/s | share of ceiling |")
+    print("|---|---:|---:|")
+    print(f"| age score (Ray Data job, end to end) | {job:.1f} | {job / ceiling:.0%} |")
+    print(f"| forward pass alone on decoded tensors (ceiling) | {ceiling:.1f} | 100% |")
+    print(f"| naive loop, batch of one | {naive:.1f} | {naive / ceiling:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
