@@ -8,14 +8,16 @@ from agecore.checkpoint import read_meta
 from agecore.predictor import Predictor
 from ray_jobs.tune import build_parser, tune_run
 
-pytestmark = pytest.mark.slow
+# Four Tune trials, each a TorchTrainer run, take several minutes on 2 cores: outside the default run
+# (pyproject's addopts deselect the `tune` marker); `pytest -m tune tests/test_tune_job.py` runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.tune]
 
 
 def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_path):
     # dropout 1.5 is invalid: that trial raises inside its worker and must be recorded, not sink the search
     args = build_parser().parse_args([
         "--prepared", str(prepared_small), "--out", str(tmp_path), "--samples", "1", "--mode", "frozen",
-        "--backbone", "test_resnet", "--no-pretrained", "--epochs", "2", "--grace", "1",
+        "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--grace", "1",
         "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003",
     ])
     table = tune_run(args)
