@@ -7,6 +7,7 @@ plain iterables of batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -178,12 +179,17 @@ class FeatureExtractor:
 
     def __init__(
         self, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None, threads: int = 0,
-        device: str = "cpu",
+        device: str = "cpu", weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        model = create_model(model_cfg).eval()
+        if weights is not None:  # the driver's network: identical to what training starts from, random or not
+            model = create_model(dataclasses.replace(model_cfg, pretrained="none", pretrained_file=None))
+            model.load_state_dict(weights)
+        else:
+            model = create_model(model_cfg)
+        model.eval()
         lower = split_model(model, cut_stage)[0].eval().to(self.device, memory_format=torch.channels_last)
         if self.device.type == "cpu":
             # A frozen TorchScript graph (folded batch norm, fused ops) runs this part about 2.3x faster

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from agecore import metrics
 from agecore.config import ModelConfig, TrainConfig
-from agecore.model import default_preprocessing
+from agecore.model import create_model, default_preprocessing
 from agecore.prepare import read_prepare_info
 from ray_jobs.common import init_ray, setup_logging
 from ray_jobs.evaluate import evaluate
@@ -97,7 +97,7 @@ def main() -> None:
     rows = []
 
     start = time.perf_counter()
-    cache = build_feature_cache(args.prepared, model_cfg, prep, None)
+    cache = build_feature_cache(args.prepared, model_cfg, prep, None, create_model(model_cfg))
     embed_seconds = time.perf_counter() - start
     train_x, train_y = load_cache(cache["train"])
     val_x, val_y = load_cache(cache["val"])

@@ -37,7 +37,13 @@ from ray.train.torch import TorchTrainer
 from agecore import plots
 from agecore.checkpoint import load_train_state, read_meta, save_checkpoint
 from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
-from agecore.model import create_model, default_cut_stage, default_preprocessing, trainable_module
+from agecore.model import (
+    create_model,
+    default_cut_stage,
+    default_preprocessing,
+    split_model,
+    trainable_module,
+)
 from agecore.prepare import read_prepare_info, split_dir
 from agecore.training import (
     EarlyStopping,
@@ -170,21 +176,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---- on the driver -----------------------------------------------------------------------------
 
 
-def _cache_key(prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None) -> str:
-    info = read_prepare_info(prepared)
-    blob = json.dumps(
-        {"prepared": info, "backbone": model_cfg.backbone, "pretrained": model_cfg.pretrained,
-         "file": model_cfg.pretrained_file, "prep": prep.to_dict(), "cut": cut_stage},
-        sort_keys=True,
-    )
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+def _cache_key(prepared: str, prep: Preprocessing, cut_stage: int | None, weights: dict[str, torch.Tensor]) -> str:
+    """Changes with the prepared set, the preprocessing, the cut, or any weight of the network."""
+    h = hashlib.sha1(json.dumps({"prepared": read_prepare_info(prepared), "prep": prep.to_dict(), "cut": cut_stage},
+                                sort_keys=True).encode())
+    for name, tensor in weights.items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def build_feature_cache(
-    prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None, cache_root: str | None = None
+    prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None,
+    model: torch.nn.Module, cache_root: str | None = None,
 ) -> dict[str, str]:
-    """Run the lower network once over train and val (both views); reused while its inputs are unchanged."""
-    root = Path(cache_root or Path(prepared) / "cache") / _cache_key(prepared, model_cfg, prep, cut_stage)
+    """Run the lower network once over train and val (both views); reused while its inputs are unchanged.
+
+    ``model`` is the network that training starts from, so the cached activations come from exactly
+    the lower part that the checkpoint will hold (random weights included); the cache key hashes
+    that lower part's weights, so runs that differ only above the cut share one cache.
+    """
+    lower = split_model(model, cut_stage)[0]
+    root = Path(cache_root or Path(prepared) / "cache") / _cache_key(prepared, prep, cut_stage, lower.state_dict())
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
     cpus = ray.cluster_resources().get("CPU", 1)
     gpus = ray.cluster_resources().get("GPU", 0)
     paths = {}
@@ -201,7 +215,7 @@ def build_feature_cache(
         actors = max(1, int(gpus) if gpus else int(cpus // 2))
         ds.map_batches(
             FeatureExtractor,
-            fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage,
+            fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
                                    "threads": 0 if gpus else max(1, int(cpus // actors)),
                                    "device": "cuda" if gpus else "cpu"},
             batch_size=16, batch_format="numpy", concurrency=actors,
@@ -260,7 +274,7 @@ def setup_run(
         columns = ["image", "age"]
     else:
         data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
-                                   cache_dir)
+                                   model, cache_dir)
         columns = ["features", "age"]
     datasets = {s: ray.data.read_parquet(p).select_columns(columns) for s, p in data.items()}
     datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
