@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -167,15 +167,3 @@ class Preprocessing(_Serializable):
             self.interpolation in ("bilinear", "bicubic", "nearest", "lanczos"),
             f"unsupported interpolation {self.interpolation!r}",
         )
-
-
-@dataclass(frozen=True)
-class RunInfo(_Serializable):
-    """What a checkpoint carries besides weights."""
-
-    model: dict[str, Any]
-    train: dict[str, Any]
-    preprocessing: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    epoch: int = 0

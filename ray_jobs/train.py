@@ -56,7 +56,7 @@ from agecore.training import (
     seed_everything,
     train_epoch,
 )
-from ray_jobs.common import init_ray, setup_logging
+from ray_jobs.common import init_ray, model_actor_options, setup_logging
 
 log = logging.getLogger("ray_jobs.train")
 
@@ -199,8 +199,8 @@ def build_feature_cache(
     lower = split_model(model, cut_stage)[0]
     root = Path(cache_root or Path(prepared) / "cache") / _cache_key(prepared, prep, cut_stage, lower.state_dict())
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
-    cpus = ray.cluster_resources().get("CPU", 1)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    options, threads = model_actor_options(gpu)
     paths = {}
     for split in ("train", "val"):
         final = root / split
@@ -212,14 +212,11 @@ def build_feature_cache(
         tmp = root / f"{split}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         ds = ray.data.read_parquet(split_dir(prepared, split)).select_columns(["image", "age"])
-        actors = max(1, int(gpus) if gpus else int(cpus // 2))
         ds.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
-                                   "threads": 0 if gpus else max(1, int(cpus // actors)),
-                                   "device": "cuda" if gpus else "cpu"},
-            batch_size=16, batch_format="numpy", concurrency=actors,
-            num_gpus=1 if gpus else 0, num_cpus=1,
+                                   "threads": threads, "device": "cuda" if gpu else "cpu"},
+            batch_size=16, batch_format="numpy", **options,
         ).write_parquet(str(tmp))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
