@@ -167,3 +167,26 @@ class Preprocessing(_Serializable):
             self.interpolation in ("bilinear", "bicubic", "nearest", "lanczos"),
             f"unsupported interpolation {self.interpolation!r}",
         )
+
+
+@dataclass(frozen=True)
+class FaceDetection(_Serializable):
+    """How faces are found in uncropped photos and framed like the training crops.
+
+    ``margin`` widens the square around each detection: MTCNN's box covers brow to chin, about
+    85% x 100% of a UTKFace chip, so a square of the box's longer side reproduces the chips.
+
+    >>> FaceDetection(min_score=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_score must be in (0, 1], got 1.5
+    """
+
+    min_score: float = 0.9
+    min_size: int = 20
+    margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.min_score <= 1.0, f"min_score must be in (0, 1], got {self.min_score}")
+        _check(self.min_size >= 12, f"min_size must be >= 12 pixels (MTCNN's smallest window), got {self.min_size}")
+        _check(0.0 <= self.margin <= 1.0, f"margin must be in [0, 1], got {self.margin}")

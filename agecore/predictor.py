@@ -3,20 +3,26 @@
     >>> predictor = Predictor("runs/train/best")  # doctest: +SKIP
     >>> predictor.predict([Image.open("face.jpg")])  # doctest: +SKIP
     array([31.4], dtype=float32)
+    >>> predictor.predict_faces(Image.open("group.jpg"))  # uncropped photos  # doctest: +SKIP
+    [{'box': [48.1, 60.2, 208.9, 266.0], 'face_score': 0.9995, 'age': 27.3}, ...]
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from agecore.checkpoint import load_checkpoint, preprocessing
-from agecore.images import ImageError, decode, load_image, normalize, read_bytes, resize_square, to_rgb
+from agecore.config import FaceDetection
+from agecore.faces import Face, FaceDetector
+from agecore.images import ImageError, decode, normalize, read_bytes, resize_square, to_rgb
 
 ImageLike = Image.Image | np.ndarray | bytes
 
@@ -27,6 +33,7 @@ class Predictor:
     ``tta_flip`` averages the prediction of the image and its mirror image (the checkpoint's
     training setting by default). On CPU the network is frozen to TorchScript, which is about
     twice as fast as eager here; ``precision="bf16"`` autocasts (the default on GPUs).
+    ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     """
 
     def __init__(
@@ -39,6 +46,7 @@ class Predictor:
         batch_size: int = 16,
         threads: int | None = None,
         freeze: bool = True,
+        faces: FaceDetection | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -58,6 +66,9 @@ class Predictor:
                 model = torch.jit.freeze(torch.jit.trace(model, example))
         self.model = model
         self.checkpoint = str(checkpoint)
+        self.face_config = faces or FaceDetection()
+        self._face_detector: FaceDetector | None = None
+        self._face_lock = threading.Lock()
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -75,20 +86,54 @@ class Predictor:
 
     # -- preprocessing: the shared path in agecore.images -----------------------------------------
 
-    def preprocess(self, image: ImageLike) -> np.ndarray:
-        """Bytes, a PIL image or an HWC uint8 array -> the model's square uint8 input."""
-        size, interp = self.prep.input_size, self.prep.interpolation
+    @staticmethod
+    def photo(image: ImageLike) -> Image.Image:
+        """Bytes (validated, EXIF orientation applied), a PIL image or an HWC uint8 array -> RGB image."""
         if isinstance(image, bytes):
-            return load_image(image, size, interp)
+            return decode(image)
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ImageError("bad_array", f"need an HxWx3 uint8 array, got {image.shape} {image.dtype}")
-            if image.shape[:2] == (size, size):
-                return image
-            image = Image.fromarray(image)
+            return Image.fromarray(image)
         if isinstance(image, Image.Image):
-            return resize_square(to_rgb(image), size, interp)
+            return to_rgb(image)
         raise TypeError(f"cannot predict on {type(image).__name__}")
+
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """Bytes, a PIL image or an HWC uint8 array -> the model's square uint8 input."""
+        size = self.prep.input_size
+        if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and image.dtype == np.uint8:
+            return image  # already the model's input
+        return resize_square(self.photo(image), size, self.prep.interpolation)
+
+    # -- faces in uncropped photos -------------------------------------------------------------------
+
+    @property
+    def face_detector(self) -> FaceDetector:
+        """MTCNN, loaded on first use: nothing to install or load for those who never detect faces."""
+        if self._face_detector is None:
+            with self._face_lock:  # a Serve replica may ask from several threads at once
+                if self._face_detector is None:
+                    self._face_detector = FaceDetector(self.face_config, str(self.device))
+        return self._face_detector
+
+    def face_crops(self, image: ImageLike) -> tuple[list[Face], np.ndarray]:
+        """The faces of a photo (left to right) and their crops as model input, ``(faces, N x S x S x 3)``.
+
+        Each crop is framed like a training chip (see ``agecore.faces``) and then resized by the
+        same ``resize_square`` as every other input.
+        """
+        photo = self.photo(image)
+        detector = self.face_detector
+        faces = detector.detect(photo)
+        size, interp = self.prep.input_size, self.prep.interpolation
+        crops = [resize_square(detector.crop(photo, face), size, interp) for face in faces]
+        return faces, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+
+    def no_face_message(self, image: Image.Image | None = None) -> str:
+        cfg = self.face_config
+        where = f" in the {image.size[0]}x{image.size[1]} photo" if image is not None else ""
+        return f"no face with score >= {cfg.min_score} and size >= {cfg.min_size} px found{where}"
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -116,6 +161,16 @@ class Predictor:
                 raise ImageError(e.reason, f"image {i}: {e.detail}") from e
         return self.predict_arrays(np.stack(arrays)) if arrays else np.zeros(0, np.float32)
 
+    def predict_faces(self, image: ImageLike) -> list[dict[str, Any]]:
+        """Every face of an uncropped photo: ``[{"box": [x1, y1, x2, y2], "face_score", "age"}, ...]``.
+
+        One forward pass for all the faces; an empty list when there is none.
+        """
+        faces, crops = self.face_crops(image)
+        ages = self.predict_arrays(crops)
+        return [{"box": list(face.box), "face_score": face.score, "age": float(age)}
+                for face, age in zip(faces, ages, strict=True)]
+
     def predict_paths(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Ages (NaN where the image is unusable) and error texts ('' where fine), one per path."""
         ages = np.full(len(paths), np.nan, dtype=np.float32)
@@ -136,14 +191,24 @@ class Predictor:
 class BatchPredictor:
     """A Ray Data ``map_batches`` callable class: one checkpoint load per actor, rows in, rows out.
 
-    Input column ``path`` (or ``image``, preprocessed uint8 rows of a prepared set); output adds ``predicted_age`` (null where unusable) and ``error``.
+    Input column ``path`` (or ``image``, preprocessed uint8 rows of a prepared set); output adds
+    ``predicted_age`` (null where unusable) and ``error``: one row per input row.
+
+    With ``detect_faces`` the input is uncropped photos by ``path`` and the output is one row per
+    face found (as a pandas DataFrame) with ``face`` (its index, left to right), ``box``
+    (x1, y1, x2, y2), ``face_score``, ``predicted_age`` and ``error``. A photo without a face still
+    gets one row (``face`` null, error ``no_face: ...``), and so does an unusable one, so every
+    input path appears in the output; the rows of a photo are always adjacent.
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None,
-                 tta_flip: bool | None = None) -> None:
+                 tta_flip: bool | None = None, detect_faces: bool = False) -> None:
         self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip)
+        self.detect_faces = detect_faces
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pd.DataFrame:
+        if self.detect_faces:
+            return self._faces(batch)
         if "image" in batch:  # rows of a prepared set: already decoded by the same preprocessing
             ages, errors = self.predictor.predict_arrays(batch["image"]), [""] * len(batch["image"])
         else:
@@ -151,4 +216,34 @@ class BatchPredictor:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["predicted_age"] = ages
         out["error"] = np.array(errors, dtype=object)
+        return out
+
+    def _faces(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        if "image" in batch:
+            raise ValueError("detect_faces works on photos by path; rows of a prepared set are face crops already")
+        rows: list[tuple[int, int | None, list[float] | None, float, str]] = []
+        crops = []
+        for i, path in enumerate(batch["path"]):
+            try:
+                photo = decode(read_bytes(str(path)))
+                faces, arrays = self.predictor.face_crops(photo)
+            except ImageError as e:
+                rows.append((i, None, None, np.nan, f"{e.reason}: {e.detail}"))
+                continue
+            if not faces:
+                rows.append((i, None, None, np.nan, f"no_face: {self.predictor.no_face_message(photo)}"))
+                continue
+            crops.append(arrays)
+            rows.extend((i, k, list(face.box), face.score, "") for k, face in enumerate(faces))
+        source = np.array([r[0] for r in rows], dtype=np.int64)
+        found = np.array([r[1] is not None for r in rows], dtype=bool)
+        ages = np.full(len(rows), np.nan, dtype=np.float32)
+        if crops:  # one forward pass over every face of the batch
+            ages[found] = self.predictor.predict_arrays(np.concatenate(crops))
+        out = pd.DataFrame({k: np.asarray(v)[source] for k, v in batch.items()})
+        out["face"] = pd.array([r[1] for r in rows], dtype="Int32")
+        out["box"] = pd.Series([r[2] for r in rows], dtype=object)
+        out["face_score"] = np.array([r[3] for r in rows], dtype=np.float32)
+        out["predicted_age"] = ages
+        out["error"] = np.array([r[4] for r in rows], dtype=object)
         return out

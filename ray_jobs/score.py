@@ -1,14 +1,21 @@
-"""Bulk age scoring of an image collection with Ray Data: exactly one output row per input, always.
+"""Bulk age scoring of an image collection with Ray Data: one output row per input (or per face), always.
 
     python -m ray_jobs.score --checkpoint runs/train/best --input photos/ --out runs/scores
     python -m ray_jobs.score --checkpoint runs/train/best --input s3://bucket/faces/ --out s3://bucket/scores
+    python -m ray_jobs.score --checkpoint runs/train/best --input party/ --out runs/faces --detect-faces
 
 ``--input`` is a folder (searched recursively by image extension), a manifest CSV/Parquet with
 a ``path`` column, or a URI that pyarrow opens. ``--out`` is a Parquet data set (a folder of
 part files) with ``path``, ``predicted_age`` (null where the image is unusable) and ``error``.
 
+The inputs should be face crops like the training images. For uncropped photos,
+``--detect-faces`` finds the faces first (MTCNN, from facenet-pytorch) and writes one row per
+face instead, adding ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels) and
+``face_score``; a photo without a face gets one row with error ``no_face: ...``.
+
 Resumable: parts are written atomically as results stream in; a rerun over the same input and
-output scores only the paths no part holds yet, so no row is lost or written twice.
+output scores only the paths no part holds yet, so no row is lost or written twice. With
+``--detect-faces`` all the rows of a photo go into the same part, so a path in a part is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -27,12 +35,15 @@ import ray
 
 from agecore.checkpoint import read_meta
 from agecore.datasets import list_images
+from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
 from ray_jobs.common import init_ray, model_actor_options, setup_logging
 
 log = logging.getLogger("ray_jobs.score")
 
 SCHEMA = pa.schema([("path", pa.string()), ("predicted_age", pa.float32()), ("error", pa.string())])
+FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", pa.list_(pa.float32())),
+                          ("face_score", pa.float32()), ("predicted_age", pa.float32()), ("error", pa.string())])
 
 
 def _output_fs(out: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -41,42 +52,80 @@ def _output_fs(out: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.LocalFileSystem(), str(Path(out).resolve())
 
 
-def done_paths(out: str) -> set[str]:
-    """Paths already scored by earlier runs into ``out`` (read from the part files' path column)."""
+def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
     fs, root = _output_fs(out)
-    info = fs.get_file_info(root)
-    if info.type == pyarrow.fs.FileType.NotFound:
-        return set()
-    parts = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
-             if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")]
+    if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
+        return fs, []
+    return fs, [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")]
+
+
+def done_paths(out: str, schema: pa.Schema | None = None) -> set[str]:
+    """Paths already scored by earlier runs into ``out`` (read from the part files' path column).
+
+    With ``schema``, a part written with other columns (with and without ``--detect-faces``) is
+    refused: the two kinds of rows do not mix in one data set.
+    """
+    fs, parts = _parts(out)
     done: set[str] = set()
     for part in parts:
+        if schema is not None and pq.read_schema(part, filesystem=fs).names != schema.names:
+            raise ValueError(f"{out} holds parts with other columns ({part}); it was written "
+                             f"{'without' if 'face' in schema.names else 'with'} --detect-faces: use another --out")
         done.update(pq.read_table(part, columns=["path"], filesystem=fs).column("path").to_pylist())
     return done
 
 
-def _write_part(fs: pyarrow.fs.FileSystem, root: str, rows: pd.DataFrame, index: int) -> None:
+def _write_part(fs: pyarrow.fs.FileSystem, root: str, rows: pd.DataFrame, index: int, schema: pa.Schema) -> None:
     """Write-then-rename, so an interrupted run never leaves half a part behind."""
     name = f"part-{int(time.time())}-{index:05d}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = f"{root}/.tmp-{name}"
-    table = pa.Table.from_pandas(rows[["path", "predicted_age", "error"]], schema=SCHEMA, preserve_index=False)
-    pq.write_table(table, tmp, filesystem=fs)
+    table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
+    # The schema above defines a part. The pandas dtypes Ray's blocks happened to have (e.g.
+    # 'list<item: double>[pyarrow]' for boxes) are left out: pandas cannot read that name back.
+    pq.write_table(table.replace_schema_metadata(None), tmp, filesystem=fs)
     fs.move(tmp, f"{root}/{name}")
 
 
+def _whole_photos(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Re-cut a stream of face rows so that no photo's rows are split between two batches.
+
+    A part must hold all the rows of each path in it, or a rerun would take a half-written
+    photo for done. A photo's rows are adjacent (one predictor call emits them together), so
+    holding back the last photo of each batch until the next one arrives is enough.
+    """
+    carry = None
+    for batch in batches:
+        if carry is not None:
+            batch = pd.concat([carry, batch], ignore_index=True)
+        paths = batch["path"].to_numpy()
+        cut = len(paths)
+        while cut and paths[cut - 1] == paths[-1]:
+            cut -= 1
+        carry = batch.iloc[cut:]
+        if cut:
+            yield batch.iloc[:cut]
+    if carry is not None and len(carry):
+        yield carry
+
+
 def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurrency: int | None = None,
-          gpu: bool = False, rows_per_part: int = 5000, address: str | None = None) -> dict:
+          gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
+          detect_faces: bool = False) -> dict:
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
+    if detect_faces:
+        require_mtcnn()  # and so does a missing face detector
+    schema = FACES_SCHEMA if detect_faces else SCHEMA
     paths = list_images(input)
     fs, root = _output_fs(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
         if stale.base_name.startswith(".tmp-"):  # a part an interrupted run did not finish writing
             fs.delete_file(stale.path)
-    done = done_paths(out)
+    done = done_paths(out, schema)
     todo = [p for p in dict.fromkeys(paths) if p not in done]
     log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
-    start, written, failed = time.perf_counter(), 0, 0
+    start, written, failed, faces, no_face = time.perf_counter(), 0, 0, 0, 0
     if todo:
         init_ray(address)
         options, threads = model_actor_options(gpu, concurrency)
@@ -84,18 +133,28 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
         scored = ds.map_batches(
             BatchPredictor,
             fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "threads": threads or None,
-                                   "device": "cuda" if gpu else "cpu"},
+                                   "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces},
             batch_size=batch_size, batch_format="numpy", **options,
         )
-        for i, batch in enumerate(scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")):
-            _write_part(fs, root, batch, i)
-            written += len(batch)
-            failed += int((batch["error"] != "").sum())
+        batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
+        for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
+            _write_part(fs, root, batch, i, schema)
+            if detect_faces:  # rows are faces here; a photo without a face is not an unusable image
+                is_no_face = batch["error"].str.startswith("no_face:")
+                written += batch["path"].nunique()
+                failed += int(((batch["error"] != "") & ~is_no_face).sum())
+                faces += int(batch["face"].notna().sum())
+                no_face += int(is_no_face.sum())
+            else:
+                written += len(batch)
+                failed += int((batch["error"] != "").sum())
             log.info("scored %d / %d (%.1f images/s)", written, len(todo), written / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
     summary = {"input": input, "images": len(paths), "skipped_already_scored": len(paths) - len(todo),
                "scored_now": written, "unusable_now": failed, "seconds": round(seconds, 1),
                "images_per_second": round(written / seconds, 1) if written else None}
+    if detect_faces:
+        summary.update(faces_found_now=faces, images_without_face_now=no_face)
     log.info("done: %s", summary)
     return summary
 
@@ -109,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per 2 CPUs or per GPU)")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--detect-faces", action="store_true",
+                   help="uncropped photos: find the faces (MTCNN) and write one row per face")
     p.add_argument("--address", default=None)
     return p
 
@@ -117,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return score(args.checkpoint, args.input, args.out, args.batch_size, args.concurrency, args.gpu,
-                 address=args.address)
+                 address=args.address, detect_faces=args.detect_faces)
 
 
 if __name__ == "__main__":

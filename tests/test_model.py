@@ -62,7 +62,12 @@ def test_pretrained_file_loads_by_name_and_by_position(tmp_path):
     safetensors.torch.save_file(state, tmp_path / "same.safetensors")
     renamed = {f"m{i}.{k.replace('.', '_')}": v for i, (k, v) in enumerate(state.items())}
     torch.save(renamed, tmp_path / "renamed.pth")
-    for name in ("same.safetensors", "renamed.pth"):
+    # a headless export (no ImageNet classifier), under timm's names and under others
+    headless = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    assert len(headless) < len(state)
+    torch.save(headless, tmp_path / "headless.pth")
+    torch.save({f"x{i}": v for i, v in enumerate(headless.values())}, tmp_path / "headless-renamed.pth")
+    for name in ("same.safetensors", "renamed.pth", "headless.pth", "headless-renamed.pth"):
         got = create_backbone(ModelConfig(backbone="test_resnet", pretrained="file", pretrained_file=str(tmp_path / name)))
         assert torch.equal(got.conv1[0].weight, full.conv1[0].weight)
         assert not torch.equal(got.conv1[0].weight, reference.conv1[0].weight)

@@ -1,20 +1,28 @@
-"""The Serve application under serve.run: every route, and a 4xx JSON error for each bad input."""
+"""The Serve application under serve.run: every route, a 4xx JSON error for each bad input, the web
+page in headless Chromium, and a redeploy with another checkpoint under load."""
 
 import io
 import socket
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from agecore.checkpoint import save_checkpoint
 from agecore.config import ModelConfig, Preprocessing
 from agecore.evaluate import attach_calibration, calibration
 from agecore.model import create_model
-from tests.conftest import jpeg_bytes
+from tests.conftest import jpeg_bytes, subset
 
 pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 def free_port() -> int:
@@ -23,22 +31,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_checkpoint(path: Path, hidden: int = 16, seed: int = 0, val_mae: float = 6.0, epoch: int = 0) -> Path:
+    """An untrained 64 px test_resnet checkpoint; another seed and ``hidden`` give other weights."""
+    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=hidden)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, create_model(cfg).eval(), cfg, Preprocessing(64, (0.5,) * 3, (0.5,) * 3),
+                           metrics={"val_mae": val_mae}, train_cfg={"tta_flip": True}, epoch=epoch)
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, ray_local):
+def serve_checkpoint(tmp_path_factory) -> Path:
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
+    rng = np.random.default_rng(0)
+    true = rng.uniform(1, 90, 500)
+    attach_calibration(ckpt, calibration(true, true + rng.normal(0, 4, 500)), "test")
+    return ckpt
+
+
+def deploy(checkpoint: Path) -> None:
+    """What ``serve deploy`` of the config with ``args.checkpoint`` changed does: same app name, new args."""
     from ray import serve
 
     from ray_jobs.serve import build_app
 
-    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16)
-    ckpt = tmp_path_factory.mktemp("serve_ckpt")
-    save_checkpoint(ckpt, create_model(cfg).eval(), cfg, Preprocessing(64, (0.5,) * 3, (0.5,) * 3),
-                    metrics={"val_mae": 6.0}, train_cfg={"tta_flip": True})
-    rng = np.random.default_rng(0)
-    true = rng.uniform(1, 90, 500)
-    attach_calibration(ckpt, calibration(true, true + rng.normal(0, 4, 500)), "test")
+    serve.run(build_app({"checkpoint": str(checkpoint), "max_body_mb": 1}), name="age", route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def service(serve_checkpoint, ray_local):
+    from ray import serve
+
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": str(ckpt), "max_body_mb": 1}), name="age", route_prefix="/")
+    deploy(serve_checkpoint)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -91,3 +116,96 @@ def test_decompression_bomb_and_bad_min_age(service):
     assert r.status_code == 413 and r.json()["error"] == "too_many_pixels"
     r = requests.post(f"{service}/v1/verify?min_age=500", files={"file": ("a.jpg", face(), "image/jpeg")}, timeout=60)
     assert r.status_code == 422
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (scripts/setup.sh installs Debian's chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # an explicit driver path: Selenium Manager would otherwise try to download one
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_shows_the_estimate_for_an_uploaded_face(service, browser, faces_root, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = faces_root / "final_files" / subset(faces_root, 3)["file_name"][1]
+    expected = requests.post(f"{service}/v1/age", files={"file": (image.name, image.read_bytes(), "image/jpeg")},
+                             timeout=60).json()["age"]
+    browser.get(f"{service}/")
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    shown = WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.ID, "age"))[0].text
+    # the page shows one decimal of the same estimate
+    assert 0 < float(shown) < 120 and float(shown) == pytest.approx(expected, abs=0.051)
+    assert browser.find_element(By.ID, "verdict").text in ("yes, at least 18", "no, under 18", "uncertain")
+    assert "test_resnet" in browser.find_element(By.ID, "model").text
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image\n")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    result = browser.find_element(By.ID, "result")
+    WebDriverWait(browser, 60).until(lambda d: "not_an_image" in result.text)
+    assert result.get_attribute("class") == "error" and not browser.find_elements(By.ID, "age")
+
+
+def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkpoint, tmp_path):
+    """Two clients post without pause while the app rolls to another checkpoint and back."""
+    other = tiny_checkpoint(tmp_path / "other", hidden=8, seed=1, val_mae=5.0, epoch=3)
+    first, second = str(serve_checkpoint.resolve()), str(other.resolve())
+    answered: list[str] = []  # model.checkpoint of each answer, in order
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    r = session.post(f"{service}/v1/age", data=face(), headers={"content-type": "image/jpeg"},
+                                     timeout=30)
+                except requests.RequestException as e:
+                    failures.append(repr(e))
+                    continue
+                if r.status_code == 200:
+                    answered.append(r.json()["model"]["checkpoint"])
+                else:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+
+    def answers_after(n: int) -> list[str]:
+        """The next ``n`` answers from now."""
+        start, deadline = len(answered), time.monotonic() + 30
+        while len(answered) < start + n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return answered[start : start + n]
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for t in clients:
+        t.start()
+    try:
+        before = answers_after(10)
+        deploy(other)
+        after = answers_after(20)
+        deploy(serve_checkpoint)  # back, for the other tests of this module
+        back = answers_after(20)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=60)
+    assert failures == []
+    # serve.run returns once the new replica is up; the old one drains a moment longer
+    assert before == [first] * 10 and after[-10:] == [second] * 10 and back[-10:] == [first] * 10

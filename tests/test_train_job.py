@@ -33,6 +33,7 @@ def test_two_worker_run_ends_in_a_checkpoint_that_predicts(prepared_small, tmp_p
     history = pd.read_csv(tmp_path / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1]
     assert {"train_mae", "val_mae", "val_cs5", "lr", "images_per_s"} <= set(history.columns)
+    assert (history["workers"] == 2).all() and (history["nodes"] == 1).all()
     meta = json.loads((tmp_path / "best" / "checkpoint.json").read_text())
     assert meta["train"]["mode"] == mode and meta["preprocessing"]["input_size"] == 64
     # the checkpoint predicts from plain images, without Ray, whatever mode trained it

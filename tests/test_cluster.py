@@ -1,0 +1,195 @@
+"""A real two-node Ray cluster on this machine: jobs submitted with ``ray job submit``, a node lost.
+
+The head and a worker node are separate ``ray start`` processes, each with its own temp dir,
+port set and resources, joined over TCP as on a real cluster; token authentication is on,
+as it is by default for Ray clusters. The jobs are the product's own entry points, shipped
+with ``--working-dir`` exactly as the README tells users to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import make_labels_dir, subset
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    types = config["available_node_types"]
+    assert {"head", "cpu_worker", "gpu_worker"} <= set(types)
+    assert types["gpu_worker"]["min_workers"] == 0 < types["gpu_worker"]["max_workers"]
+    # the schema is strict: a misspelt key is refused, so the check above means something
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config({**config, "max_workerz": 3})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_tree(root_marker: str) -> list[int]:
+    """PIDs of the processes whose command line names ``root_marker``, and all their descendants."""
+    parents: dict[int, int] = {}
+    roots = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(entry.name)] = ppid
+        if root_marker in cmdline:
+            roots.append(int(entry.name))
+    found = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    return sorted(found)
+
+
+def stop_node(temp_dir: str) -> None:
+    """Stop one node of a cluster on this machine (``ray stop`` would stop every node here)."""
+    for pid in _process_tree(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    address: str
+    dashboard: str
+    head_dir: str
+    worker_dir: str
+
+    def submit(self, *args: str, wait: bool = True, timeout: float = 600) -> str:
+        """``ray job submit --working-dir REPO -- python -m ...``; returns the job id."""
+        job_id = f"test_{secrets.token_hex(4)}"
+        cmd = [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", job_id,
+               "--working-dir", str(REPO), "--no-wait", "--", sys.executable, *args]
+        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        if wait:
+            self.wait(job_id, timeout)
+        return job_id
+
+    def status(self, job_id: str) -> str:
+        done = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        out = done.stdout + done.stderr  # the CLI prints the status through its logger
+        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+            if state in out:
+                return state
+        return "UNKNOWN"
+
+    def logs(self, job_id: str) -> str:
+        return subprocess.run([RAY, "job", "logs", "--address", self.dashboard, job_id], env=self.env,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def wait(self, job_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (state := self.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout} s:\n{self.logs(job_id)[-3000:]}")
+            time.sleep(2)
+        assert state == "SUCCEEDED", f"job {job_id} {state}:\n{self.logs(job_id)[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    # short paths: Ray's socket paths live under the temp dir and Unix limits them to ~107 bytes
+    head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    gcs, dash = _free_port(), _free_port()
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={head_dir}",
+                        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"],
+                       env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--temp-dir={worker_dir}",
+                        '--resources={"second_node": 1}', f"--dashboard-agent-listen-port={_free_port()}"],
+                       env=env, check=True, capture_output=True, timeout=180)
+        yield Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", head_dir, worker_dir)
+    finally:
+        stop_node(worker_dir)
+        stop_node(head_dir)
+
+
+def _alive_nodes(cluster: Cluster) -> int:
+    code = "import ray; ray.init(log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": cluster.address},
+                         capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root, tmp_path):
+    assert _alive_nodes(cluster) == 2
+    data = make_labels_dir(faces_root, tmp_path / "data", 160)
+    prepared, run = tmp_path / "prepared", tmp_path / "train"
+    cluster.submit("-m", "ray_jobs.prepare", "--data", str(data), "--out", str(prepared), "--image-size", "64",
+                   timeout=300)
+    summary = json.loads((prepared / "report" / "summary.json").read_text())
+    assert summary["accepted"] == 160 and summary["rejected"] == 0
+
+    # two DDP workers of 1.5 CPUs cannot share a 2-CPU node: one runs on each node
+    cluster.submit("-m", "ray_jobs.train", "--prepared", str(prepared), "--out", str(run), "--backbone",
+                   "test_resnet", "--no-pretrained", "--mode", "frozen", "--workers", "2", "--cpus-per-worker",
+                   "1.5", "--epochs", "2", "--batch-size", "32", "--no-attach", timeout=400)
+    history = pd.read_csv(run / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert (history["nodes"] == 2).all()
+    assert (run / "best" / "checkpoint.json").is_file()
+
+    # score a collection while the worker node is stopped under it: every row still arrives, once
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = subset(faces_root, 4000)["file_name"].tolist()
+    for name in names:
+        os.symlink(faces_root / "final_files" / name, photos / name)
+    scores = tmp_path / "scores"
+    job = cluster.submit("-m", "ray_jobs.score", "--checkpoint", str(run / "best"), "--input", str(photos),
+                         "--out", str(scores), "--batch-size", "16", "--concurrency", "3", wait=False)
+    deadline = time.monotonic() + 120
+    while "to score" not in cluster.logs(job):
+        assert time.monotonic() < deadline, cluster.logs(job)[-3000:]
+        time.sleep(1)
+    time.sleep(8)  # Ray connected, predictor actors loaded on both nodes, batches flowing
+    stop_node(cluster.worker_dir)
+    cluster.wait(job, timeout=400)
+    table = pq.read_table(scores).to_pandas()
+    assert len(table) == len(names) and table["path"].is_unique
+    assert table["predicted_age"].notna().all(), table[table["predicted_age"].isna()].head()
+    assert _alive_nodes(cluster) == 1
