@@ -106,9 +106,11 @@ class Cluster:
     def status(self, job_id: str) -> str:
         done = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id], env=self.env,
                               capture_output=True, text=True, timeout=60)
-        out = done.stdout + done.stderr  # the CLI prints the status through its logger
-        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if state in out:
+        # the CLI logs "Job 'ID' succeeded" / "failed" / "was stopped", or "Status for job 'ID': RUNNING"
+        out = (done.stdout + done.stderr).lower()
+        for state, words in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped"),
+                             ("RUNNING", "running"), ("PENDING", "pending")):
+            if words in out:
                 return state
         return "UNKNOWN"
 
