@@ -20,7 +20,10 @@ def setup_logging(verbose: bool = False) -> None:
 def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` or ``RAY_ADDRESS``; with neither, start a local Ray on this machine.
 
-    A local Ray keeps its dashboard on 127.0.0.1: nothing is exposed beyond this host.
+    A local Ray keeps its dashboard on 127.0.0.1: nothing is exposed beyond this host. The dashboard
+    is not optional: it serves the State API, through which Ray Train releases the CPUs of a run
+    whose controller was killed (every Tune trial that ASHA stops). Without it those placement
+    groups leak and, on a small machine, the next trial waits for CPUs forever.
     """
     if ray.is_initialized():
         return
@@ -28,7 +31,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=True)
     logging.getLogger(__name__).info("Ray resources: %s", ray.cluster_resources())
 
 

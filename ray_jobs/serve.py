@@ -34,9 +34,11 @@ from agecore.predictor import Predictor
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_MB = 10.0
-# Requests that arrive within BATCH_WAIT_S of each other share one forward pass of up to BATCH_SIZE images.
+# Opportunistic batching: a lone request goes to the model at once (no wait), and the requests that
+# queue up while one forward pass runs share the next, up to BATCH_SIZE images. Under load the batches
+# fill by themselves; waiting only added latency (measured: benchmarks/serve_load.py, README).
 BATCH_SIZE = 16
-BATCH_WAIT_S = 0.005
+BATCH_WAIT_S = 0.0
 IMAGE_TYPES = ("image/",)
 PAGE = Path(__file__).with_name("page.html").read_text()
 

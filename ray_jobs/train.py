@@ -35,7 +35,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from agecore import plots
-from agecore.checkpoint import load_train_state, read_meta, save_checkpoint
+from agecore.checkpoint import META, TRAIN_STATE, load_train_state, read_meta, save_checkpoint
 from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
 from agecore.model import (
     create_model,
@@ -72,6 +72,16 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def _count_nodes() -> int:
+    """Distinct Ray nodes among the workers (by node ID: nodes sharing one IP still count apart)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    ids: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ids, node_id)
+    return len(set(ids))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -122,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     criterion = loss_fn(cfg.loss)
     columns = ["image", "age"] if cfg.mode == "finetune" else ["features", "age"]
+    nodes = _count_nodes()
 
     def inputs_for(train: bool):
         return lambda batch: batch_inputs(batch, cfg.mode, prep, train, cfg, generator, device)
@@ -142,9 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             va = evaluate_epoch(getattr(module, "module", module), ({k: b[k] for k in columns} for b in val_batches),
                                 inputs_for(False), device, amp)
             va_sum, va_n, va_w5, va_sec = va.abs_err_sum, va.count, va.within5, va.seconds
-        # every node has exactly one local rank 0, so summing that flag counts the nodes training
-        tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5, nodes = _all_reduce(
-            [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5, float(ctx.get_local_rank() == 0)], device
+        tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5 = _all_reduce(
+            [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5], device
         )
         row = {
             "epoch": epoch,
@@ -155,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": tr_n / max(tr_sec / ctx.get_world_size(), 1e-9),
             "epoch_seconds": tr.seconds + va_sec,
             "workers": ctx.get_world_size(),
-            "nodes": int(nodes),
+            "nodes": nodes,
         }
         history.append(row)
         stopper.update(row["val_mae"])
@@ -363,15 +373,29 @@ def train(
     return best
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint with the lowest validation MAE among those a Ray Train run folder kept."""
+    found = [(read_meta(d)["metrics"]["val_mae"], d) for d in sorted(run_dir.glob("checkpoint_*"))
+             if (d / META).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint")
+    return min(found, key=lambda vd: vd[0])[1]
+
+
+def export_checkpoint(src: str | Path, best: Path) -> None:
+    """Copy a training checkpoint to ``best``, less the optimiser state inference does not need."""
+    shutil.rmtree(best, ignore_errors=True)
+    shutil.copytree(src, best, ignore=shutil.ignore_patterns(TRAIN_STATE))
+
+
 def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
     """Copy the best checkpoint to OUT/best and draw the per-epoch metrics from the latest one."""
     if result.error:
         raise result.error
     best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1]["val_mae"])
     best = out / "best"
-    shutil.rmtree(best, ignore_errors=True)
-    best_ckpt.to_directory(str(best))
-    (best / "train_state.pt").unlink(missing_ok=True)  # inference needs no optimiser state
+    with best_ckpt.as_directory() as d:
+        export_checkpoint(d, best)
     with result.checkpoint.as_directory() as latest:
         history = pd.DataFrame(read_meta(latest)["metrics"]["history"])
     history.to_csv(out / "metrics.csv", index=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from agecore import plots
 from agecore.config import MODES, ModelConfig, TrainConfig
 from ray_jobs.common import setup_logging
-from ray_jobs.train import RunSetup, finish, make_trainer, setup_run
+from ray_jobs.train import RunSetup, best_checkpoint, export_checkpoint, make_trainer, setup_run
 
 log = logging.getLogger("ray_jobs.tune")
 
@@ -35,14 +34,20 @@ SEARCH_NAME = "search"
 
 
 def run_trial(config: dict[str, Any], setup: RunSetup, trials_dir: str) -> None:
-    """One trial: the shared setup with this trial's values, trained and finished into its own folder."""
+    """One trial: the shared setup with this trial's values, a Ray Train run in ``trials_dir/trial_ID``.
+
+    Nothing may follow ``fit()`` here: Tune stops a trial as soon as its last report reaches ASHA's
+    ``max_t`` (or ASHA cuts it), so the trial's best checkpoint is exported by the driver afterwards.
+    """
     model_cfg = ModelConfig.from_dict({**setup.model_cfg.to_dict(), "dropout": config["dropout"]})
     overrides = {k: config[k] for k in ("lr", "weight_decay", "batch_size") if k in config}
     cfg = TrainConfig.from_dict({**setup.cfg.to_dict(), **overrides})
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(setup, trials_dir, name=f"trial_{trial_id}", model_cfg=model_cfg, cfg=cfg,
                            callbacks=[TuneReportCallback()])
-    finish(trainer.fit(), Path(trials_dir) / f"trial_{trial_id}")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
 
 
 def search_space(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,19 +83,17 @@ def summarize(results: tune.ResultGrid, out: Path, trials_dir: Path) -> pd.DataF
         raise RuntimeError(f"every trial failed; see {out / 'trials.csv'}: {table['error'].iloc[0]}")
     plots.tune_scatter(ok, out / "tune.png")
     winner = results.get_best_result(metric="val_mae", mode="min", scope="all", filter_nan_and_inf=True)
-    best_trial = _trial_folder(trials_dir, winner)
-    shutil.rmtree(out / "best", ignore_errors=True)
-    shutil.copytree(best_trial / "best", out / "best")
+    export_checkpoint(best_checkpoint(_trial_folder(trials_dir, winner)), out / "best")
     (out / "best_config.json").write_text(json.dumps(winner.config, indent=2) + "\n")
     return table
 
 
 def _trial_folder(trials_dir: Path, result: tune.Result) -> Path:
-    """The folder ``run_trial`` finished the winning trial into (named by its trial id)."""
+    """The Ray Train run folder of a trial (``run_trial`` names it after the trial id)."""
     for folder in trials_dir.glob("trial_*"):
-        if (folder / "best").is_dir() and folder.name.removeprefix("trial_") in result.path:
+        if f"_{folder.name.removeprefix('trial_')}_" in Path(result.path).name:  # run_trial_<id>_<n>_<config>
             return folder
-    raise FileNotFoundError(f"no finished checkpoint for the best trial {result.path}")
+    raise FileNotFoundError(f"no Ray Train run folder in {trials_dir} for the trial {result.path}")
 
 
 def tune_run(args: argparse.Namespace) -> pd.DataFrame:

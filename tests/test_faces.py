@@ -6,7 +6,6 @@ where each face is, and a plain canvas with no face at all.
 
 import io
 import re
-import socket
 import sys
 
 import numpy as np
@@ -16,13 +15,11 @@ import pytest
 import requests
 from PIL import Image
 
-from agecore.checkpoint import save_checkpoint
-from agecore.config import FaceDetection, ModelConfig, Preprocessing
+from agecore.config import FaceDetection
 from agecore.faces import FaceDetector, square_box
-from agecore.model import create_model
 from agecore.predictor import Predictor
 from ray_jobs.score import _whole_photos, score
-from tests.conftest import subset
+from tests.conftest import free_port, subset, tiny_checkpoint
 
 pytest.importorskip("facenet_pytorch", reason='pip install --no-deps "facenet-pytorch==2.6.0"')
 
@@ -67,11 +64,7 @@ def photos(faces_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16)
-    path = tmp_path_factory.mktemp("faces_ckpt")
-    save_checkpoint(path, create_model(cfg).eval(), cfg,
-                    Preprocessing(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3), train_cfg={"tta_flip": True})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("faces_ckpt"))
 
 
 # -- library: no Ray ---------------------------------------------------------------------------------
@@ -148,12 +141,6 @@ def test_score_with_detect_faces_writes_a_row_per_face_and_resumes(photos, check
     assert again["skipped_already_scored"] == 4 and again["scored_now"] == 0
     with pytest.raises(ValueError, match="with --detect-faces"):
         score(str(checkpoint), str(folder), str(out))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

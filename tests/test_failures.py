@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -17,11 +16,9 @@ import pandas as pd
 import pytest
 import requests
 
-from agecore.checkpoint import save_checkpoint
-from agecore.config import ModelConfig, Preprocessing, TrainConfig
-from agecore.model import create_model
+from agecore.config import ModelConfig, TrainConfig
 from ray_jobs.train import RUN_NAME, train
-from tests.conftest import subset
+from tests.conftest import free_port, subset, tiny_checkpoint
 
 # minutes on 2 cores: outside the default run with the cluster test (`pytest -m cluster` runs them)
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -68,23 +65,15 @@ def test_training_survives_a_killed_worker(prepared_small, tmp_path):
     assert len(train_workers) >= 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def two_replicas(ray_local, tmp_path):
     from ray import serve
 
     from ray_jobs.serve import AgeService
 
-    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16)
-    ckpt = save_checkpoint(tmp_path / "ckpt", create_model(cfg).eval(), cfg, Preprocessing(64, (0.5,) * 3, (0.5,) * 3),
-                           metrics={"val_mae": 6.0}, train_cfg={"tta_flip": True})
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
     serve.shutdown()
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = AgeService.options(autoscaling_config={"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2},
                              ray_actor_options={"num_cpus": 0.25}).bind(str(ckpt), 1.0, 1)

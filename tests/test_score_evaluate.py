@@ -10,23 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from agecore.checkpoint import save_checkpoint
-from agecore.config import ModelConfig, Preprocessing
-from agecore.model import create_model
 from ray_jobs.evaluate import evaluate
 from ray_jobs.score import score
-from tests.conftest import jpeg_bytes, subset
+from tests.conftest import jpeg_bytes, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(path, create_model(cfg).eval(), cfg,
-                    Preprocessing(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3), train_cfg={"tta_flip": True})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

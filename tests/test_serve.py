@@ -2,7 +2,6 @@
 page in headless Chromium, and a redeploy with another checkpoint under load."""
 
 import io
-import socket
 import threading
 import time
 from pathlib import Path
@@ -10,33 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
 
-from agecore.checkpoint import save_checkpoint
-from agecore.config import ModelConfig, Preprocessing
 from agecore.evaluate import attach_calibration, calibration
-from agecore.model import create_model
-from tests.conftest import jpeg_bytes, subset
+from tests.conftest import free_port, jpeg_bytes, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_checkpoint(path: Path, hidden: int = 16, seed: int = 0, val_mae: float = 6.0, epoch: int = 0) -> Path:
-    """An untrained 64 px test_resnet checkpoint; another seed and ``hidden`` give other weights."""
-    cfg = ModelConfig(backbone="test_resnet", pretrained="none", hidden=hidden)
-    torch.manual_seed(seed)
-    return save_checkpoint(path, create_model(cfg).eval(), cfg, Preprocessing(64, (0.5,) * 3, (0.5,) * 3),
-                           metrics={"val_mae": val_mae}, train_cfg={"tta_flip": True}, epoch=epoch)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
 """A tiny Ray Tune search end to end: every trial recorded, a failing trial contained, the best promoted."""
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 
 from agecore.checkpoint import read_meta
 from agecore.predictor import Predictor
@@ -32,3 +35,9 @@ def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_pa
     assert best_meta["model"]["dropout"] == pytest.approx(ok.loc[ok["best_val_mae"].idxmin(), "config/dropout"])
     assert (tmp_path / "tune.png").stat().st_size > 10_000
     assert Predictor(tmp_path / "best").predict_arrays(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1,)
+    # Tune stops each trial at its last report; Ray Train must still release the trial's CPUs, or the
+    # next trial of a longer search would wait for them forever
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held after the search: {ray.available_resources()}"
+        time.sleep(2)
