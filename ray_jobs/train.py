@@ -35,7 +35,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from agecore import plots
-from agecore.checkpoint import META, TRAIN_STATE, load_train_state, read_meta, save_checkpoint
+from agecore.checkpoint import TRAIN_STATE, load_train_state, read_meta, save_checkpoint
 from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
 from agecore.model import (
     create_model,
@@ -373,29 +373,20 @@ def train(
     return best
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint with the lowest validation MAE among those a Ray Train run folder kept."""
-    found = [(read_meta(d)["metrics"]["val_mae"], d) for d in sorted(run_dir.glob("checkpoint_*"))
-             if (d / META).is_file()]
-    if not found:
-        raise FileNotFoundError(f"{run_dir} holds no finished checkpoint")
-    return min(found, key=lambda vd: vd[0])[1]
-
-
-def export_checkpoint(src: str | Path, best: Path) -> None:
-    """Copy a training checkpoint to ``best``, less the optimiser state inference does not need."""
+def export_best(result: ray.train.Result, best: Path) -> None:
+    """Copy the run's checkpoint with the lowest validation MAE to ``best``, less the optimiser state."""
+    best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1]["val_mae"])
     shutil.rmtree(best, ignore_errors=True)
-    shutil.copytree(src, best, ignore=shutil.ignore_patterns(TRAIN_STATE))
+    with best_ckpt.as_directory() as d:  # inference needs no optimiser state
+        shutil.copytree(d, best, ignore=shutil.ignore_patterns(TRAIN_STATE))
 
 
 def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
     """Copy the best checkpoint to OUT/best and draw the per-epoch metrics from the latest one."""
     if result.error:
         raise result.error
-    best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1]["val_mae"])
     best = out / "best"
-    with best_ckpt.as_directory() as d:
-        export_checkpoint(d, best)
+    export_best(result, best)
     with result.checkpoint.as_directory() as latest:
         history = pd.DataFrame(read_meta(latest)["metrics"]["history"])
     history.to_csv(out / "metrics.csv", index=False)

@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from agecore import plots
 from agecore.config import MODES, ModelConfig, TrainConfig
 from ray_jobs.common import setup_logging
-from ray_jobs.train import RunSetup, best_checkpoint, export_checkpoint, make_trainer, setup_run
+from ray_jobs.train import RunSetup, export_best, make_trainer, setup_run
 
 log = logging.getLogger("ray_jobs.tune")
 
@@ -83,7 +83,7 @@ def summarize(results: tune.ResultGrid, out: Path, trials_dir: Path) -> pd.DataF
         raise RuntimeError(f"every trial failed; see {out / 'trials.csv'}: {table['error'].iloc[0]}")
     plots.tune_scatter(ok, out / "tune.png")
     winner = results.get_best_result(metric="val_mae", mode="min", scope="all", filter_nan_and_inf=True)
-    export_checkpoint(best_checkpoint(_trial_folder(trials_dir, winner)), out / "best")
+    export_best(ray.train.Result.from_path(_trial_folder(trials_dir, winner)), out / "best")
     (out / "best_config.json").write_text(json.dumps(winner.config, indent=2) + "\n")
     return table
 
