@@ -221,10 +221,11 @@ def batch_inputs(
 ) -> list[torch.Tensor]:
     """The model inputs of a batch: one view for training, one or two (TTA) for validation."""
     if mode == "finetune":
-        images = batch["image"]
+        # augment where the model runs: on a GPU the per-image crops would otherwise hold back the step
+        images = batch["image"].to(device, non_blocking=True)
         if train:
             images = augment(images, cfg, generator)
-        x = normalize(images.to(device, non_blocking=True), prep)
+        x = normalize(images, prep)
         if train or not cfg.tta_flip:
             return [x]
         return [x, torch.flip(x, dims=[3])]
