@@ -18,7 +18,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from agecore import __version__
+from agecore import __version__, storage
 from agecore.config import ModelConfig, Preprocessing
 from agecore.model import AgeRegressor, create_model
 
@@ -66,18 +66,20 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
+    """The checkpoint's ``checkpoint.json``; ``path`` is a folder or a URI (``s3://...``)."""
+    meta_path = storage.join(path, META)
+    if not storage.exists(meta_path):
         raise FileNotFoundError(f"{path} is not an agecore checkpoint: {META} is missing")
-    return json.loads(meta_path.read_text())
+    return json.loads(storage.read_text(meta_path))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[AgeRegressor, dict[str, Any]]:
-    """Rebuild the model from the checkpoint alone; no pretrained download, no pickled code."""
-    meta = read_meta(path)
-    cfg = ModelConfig.from_dict({**meta["model"], "pretrained": "none", "pretrained_file": None})
-    model = create_model(cfg)
-    model.load_state_dict(safetensors.torch.load_file(Path(path) / WEIGHTS, device=str(device)))
+    """Rebuild the model from the checkpoint alone (a folder or a URI); no pretrained download, no pickled code."""
+    with storage.local_dir(path) as local:
+        meta = read_meta(local)
+        cfg = ModelConfig.from_dict({**meta["model"], "pretrained": "none", "pretrained_file": None})
+        model = create_model(cfg)
+        model.load_state_dict(safetensors.torch.load_file(local / WEIGHTS, device=str(device)))
     return model.to(device).eval(), meta
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agecore import metrics, plots
+from agecore import metrics, plots, storage
 from agecore.checkpoint import CALIBRATION
 from agecore.datasets import AGE_BAND_LABELS, age_band
 from agecore.images import decode, read_bytes, resize_square
@@ -50,9 +50,9 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str) -> Path:
-    path = Path(checkpoint) / CALIBRATION
-    path.write_text(json.dumps({"source": source, **cal}, indent=2) + "\n")
+def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str) -> str:
+    path = storage.join(checkpoint, CALIBRATION)
+    storage.write_text(path, json.dumps({"source": source, **cal}, indent=2) + "\n")
     return path
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agecore import plots
+from agecore import plots, storage
 from agecore.config import PrepareConfig
 from agecore.datasets import (
     AGE_BAND_LABELS,
@@ -166,14 +166,14 @@ def write_report(
 
 
 def read_prepare_info(prepared: str | Path) -> dict[str, Any]:
-    """prepare.json, with the report's per-split age statistics under ``splits``."""
-    path = Path(prepared) / "prepare.json"
-    if not path.is_file():
+    """prepare.json, with the report's per-split age statistics under ``splits`` (a folder or a URI)."""
+    path = storage.join(prepared, "prepare.json")
+    if not storage.exists(path):
         raise FileNotFoundError(f"{prepared} is not a prepared data set (no prepare.json): run `age prepare` first")
-    info = json.loads(path.read_text())
-    info["splits"] = json.loads((Path(prepared) / "report" / "summary.json").read_text())["splits"]
+    info = json.loads(storage.read_text(path))
+    info["splits"] = json.loads(storage.read_text(storage.join(prepared, "report", "summary.json")))["splits"]
     return info
 
 
 def split_dir(prepared: str | Path, split: str) -> str:
-    return str(Path(prepared) / "data" / f"split={split}")
+    return storage.join(prepared, "data", f"split={split}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from torch import nn
 
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
@@ -35,26 +35,35 @@ def seed_everything(seed: int) -> None:
 
 
 def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random resized crop, horizontal flip and colour jitter on a uint8 NHWC batch."""
+    """Random resized crop, horizontal flip and brightness/contrast jitter, drawn per image.
+
+    A uint8 NHWC batch in, float NHWC in [0, 255] out (``normalize`` takes either), on the batch's
+    device. Crop and flip are one affine resampling of the whole batch (``grid_sample``), so a GPU
+    runs it in a few kernels rather than a loop over images; the crop keeps the image's aspect
+    ratio and covers ``random_crop_scale`` of its area.
+    """
     n, h, w, _ = images.shape
-    out = torch.empty_like(images)
+    r = torch.rand(n, 6, generator=generator).to(images.device)
+    x = images.permute(0, 3, 1, 2).float()
     lo, hi = cfg.random_crop_scale
-    r = torch.rand(n, 6, generator=generator)
-    for i in range(n):
-        img = images[i].permute(2, 0, 1)
-        scale = lo + (hi - lo) * float(r[i, 0])
-        ch, cw = max(1, round(h * math.sqrt(scale))), max(1, round(w * math.sqrt(scale)))
-        top, left = int(r[i, 1] * (h - ch + 1)), int(r[i, 2] * (w - cw + 1))
-        if (ch, cw) != (h, w):
-            img = TF.resized_crop(img, top, left, ch, cw, [h, w], antialias=True)
-        if cfg.flip and r[i, 3] < 0.5:
-            img = TF.horizontal_flip(img)
-        if cfg.color_jitter > 0:
-            j = cfg.color_jitter
-            img = TF.adjust_brightness(img, 1 + j * (2 * float(r[i, 4]) - 1))
-            img = TF.adjust_contrast(img, 1 + j * (2 * float(r[i, 5]) - 1))
-        out[i] = img.permute(1, 2, 0)
-    return out
+    if (lo, hi) != (1.0, 1.0) or cfg.flip:
+        side = torch.sqrt(lo + (hi - lo) * r[:, 0])  # crop side / image side
+        mirror = torch.where(r[:, 3] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones_like(side)
+        theta = torch.zeros(n, 2, 3, device=images.device)  # output -> input coordinates in [-1, 1]
+        theta[:, 0, 0] = side * mirror
+        theta[:, 1, 1] = side
+        theta[:, 0, 2] = (2 * r[:, 2] - 1) * (1 - side)  # crop centre: anywhere the crop stays inside
+        theta[:, 1, 2] = (2 * r[:, 1] - 1) * (1 - side)
+        grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        brightness = (1 + j * (2 * r[:, 4] - 1)).view(n, 1, 1, 1)
+        contrast = (1 + j * (2 * r[:, 5] - 1)).view(n, 1, 1, 1)
+        x = (x * brightness).clamp_(0, 255)
+        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(n, 1, 1, 1)
+        x = ((x - grey) * contrast + grey).clamp_(0, 255)
+    return x.permute(0, 2, 3, 1)
 
 
 # ---- optimisation -------------------------------------------------------------------------------
@@ -159,7 +168,8 @@ class EarlyStopping:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        """Restore the progress; ``patience`` and ``min_delta`` stay as configured (a resumed run may change them)."""
+        self.__dict__.update({k: v for k, v in state.items() if k not in ("patience", "min_delta")})
 
 
 def loss_fn(name: str) -> nn.Module:
@@ -264,8 +274,9 @@ def train_epoch(
 ) -> EpochResult:
     """One pass of training; ``inputs(batch)`` gives the model input (see ``batch_inputs``)."""
     module.train()
-    start, abs_sum, count, within5 = time.perf_counter(), 0.0, 0, 0
-    for batch in batches:
+    start, count = time.perf_counter(), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # |error| and hits within 5 years, kept on
+    for batch in batches:                                      # the device: no host sync in the loop
         x = inputs(batch)[0]
         y = batch["age"].to(device).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -276,10 +287,10 @@ def train_epoch(
         optimizer.step()
         schedule.step()
         err = (pred.detach() - y).abs()
-        abs_sum += float(err.sum())
-        within5 += int((err <= 5).sum())
+        sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
         count += len(y)
-    return EpochResult(abs_sum / max(count, 1), abs_sum, count, within5, time.perf_counter() - start)
+    abs_sum, within5 = sums.tolist()
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(within5), time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -288,13 +299,14 @@ def evaluate_epoch(
 ) -> EpochResult:
     """Predictions over a validation shard, averaged over the views ``inputs`` gives."""
     module.eval()
-    start, abs_sum, count, within5 = time.perf_counter(), 0.0, 0, 0
+    start, count = time.perf_counter(), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         y = batch["age"].to(device).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = torch.stack([module(x).float() for x in inputs(batch)]).mean(0)
         err = (pred - y).abs()
-        abs_sum += float(err.sum())
-        within5 += int((err <= 5).sum())
+        sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
         count += len(y)
-    return EpochResult(abs_sum / max(count, 1), abs_sum, count, within5, time.perf_counter() - start)
+    abs_sum, within5 = sums.tolist()
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(within5), time.perf_counter() - start)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import pandas as pd
 import ray
 
+from agecore import storage
 from agecore.checkpoint import read_meta
 from agecore.config import FORMATS
 from agecore.datasets import read_records, validate_labels
@@ -32,9 +32,9 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
                   batch_size: int = 64) -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known)."""
     options, threads = model_actor_options(gpu)
-    predictor_args = {"checkpoint": str(Path(checkpoint).resolve()), "threads": threads or None,
+    predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                       "device": "cuda" if gpu else "cpu"}
-    if (Path(data) / "prepare.json").is_file():
+    if storage.exists(storage.join(data, "prepare.json")):
         ds = ray.data.read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
         ds = ds.select_columns(keep)
@@ -57,9 +57,9 @@ def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
     init_ray(address)
     table = predict_table(checkpoint, data, fmt, split, gpu)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    table.to_parquet(Path(out) / "predictions.parquet", index=False)
-    report = build_report(table, out, meta)
+    with storage.output_dir(out) as local:
+        table.to_parquet(local / "predictions.parquet", index=False)
+        report = build_report(table, local, meta)
     m = report["metrics"]
     log.info("MAE %.3f  RMSE %.3f  CS@5 %.1f%%  bias %+.2f on %d images (%d unscored); report in %s",
              m["mae"], m["rmse"], 100 * m["cs@5"], m["bias"], report["scored"], report["unscored"], out)

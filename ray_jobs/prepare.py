@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 
 import pandas as pd
 import ray
 
+from agecore import storage
 from agecore.config import FORMATS, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.images import is_uri
@@ -30,7 +29,7 @@ META_COLUMNS = ["path", "age", "digest", "error_reason", "error_detail"]
 def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | None = None) -> dict:
     """Run the whole preparation; returns the report summary. Raises on ``strict`` rejects."""
     start = time.perf_counter()
-    out = Path(cfg.out)
+    out = storage.absolute(cfg.out)
     records, fmt = read_records(cfg.data, cfg.format)
     log.info("%s: %d rows read as %s", cfg.data, len(records), fmt)
     records, label_rejects = validate_labels(records, cfg.max_age)
@@ -62,22 +61,23 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
     if not plan.split_of_path:
         raise ValueError(f"{cfg.data}: no usable image; see the reasons in the rejects ({len(rejects)} rows)")
 
-    data_dir = out / "data"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # a rerun replaces the shards rather than mixing two runs
+    data_dir = storage.join(out, "data")
+    storage.delete_dir(data_dir)  # a rerun replaces the shards rather than mixing two runs
+    # the shards go straight to OUT (a folder or a URI), written by Ray Data's tasks wherever they run
     decoded.map_batches(
         attach_split, fn_kwargs={"split_of_path": plan.split_of_path}, batch_format="numpy"
-    ).write_parquet(str(data_dir), partition_cols=["split"])
+    ).write_parquet(data_dir, partition_cols=["split"])
 
     kept = meta[meta["path"].isin(plan.split_of_path)].copy()
     kept["split"] = kept["path"].map(plan.split_of_path)
-    summary = write_report(out, cfg, fmt, len(records) + len(label_rejects), kept, rejects,
-                           time.perf_counter() - start, interpolation)
+    with storage.output_dir(out) as local:
+        summary = write_report(local, cfg, fmt, len(records) + len(label_rejects), kept, rejects,
+                               time.perf_counter() - start, interpolation)
     log.info(
         "accepted %d, rejected %d %s; splits %s; %.1f images/s; report in %s",
         summary["accepted"], summary["rejected"], summary["rejected_by_reason"] or "",
         {s: v["count"] for s, v in summary["splits"].items()}, summary["images_per_second"] or 0,
-        out / "report",
+        storage.join(out, "report"),
     )
     return summary
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="age prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="labels.csv folder, UTKFace folder, or manifest .csv/.parquet (path or URI)")
-    p.add_argument("--out", required=True, help="output folder for Parquet shards, rejects.csv and report/")
+    p.add_argument("--out", required=True, help="output folder or URI for Parquet shards, rejects.csv and report/")
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--backbone", default="resnet50", help="timm model whose data config sets the image size")
     p.add_argument("--image-size", type=int, default=None, help="override the backbone's input size")
@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
         image_size=args.image_size or prep.input_size, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
     )
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     return prepare(cfg, prep.interpolation, args.address)
 
 

@@ -25,14 +25,15 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
+from agecore import storage
 from agecore.checkpoint import read_meta
 from agecore.datasets import list_images
 from agecore.faces import require_mtcnn
@@ -46,14 +47,8 @@ FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", p
                           ("face_score", pa.float32()), ("predicted_age", pa.float32()), ("error", pa.string())])
 
 
-def _output_fs(out: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in out:
-        return pyarrow.fs.FileSystem.from_uri(out)
-    return pyarrow.fs.LocalFileSystem(), str(Path(out).resolve())
-
-
 def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
-    fs, root = _output_fs(out)
+    fs, root = storage.filesystem(out)
     if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
         return fs, []
     return fs, [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
@@ -117,7 +112,7 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
         require_mtcnn()  # and so does a missing face detector
     schema = FACES_SCHEMA if detect_faces else SCHEMA
     paths = list_images(input)
-    fs, root = _output_fs(out)
+    fs, root = storage.filesystem(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
         if stale.base_name.startswith(".tmp-"):  # a part an interrupted run did not finish writing
@@ -129,10 +124,13 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
     if todo:
         init_ray(address)
         options, threads = model_actor_options(gpu, concurrency)
-        ds = ray.data.from_pandas(pd.DataFrame({"path": todo})).repartition(max(1, len(todo) // (batch_size * 4)))
+        # blocks cut here, in the driver, rather than by a repartition: a shuffle task lost with a node
+        # could not be retried while the surviving predictor actors held every CPU (seen: a deadlock)
+        blocks = np.array_split(np.array(todo, dtype=object), max(1, len(todo) // (batch_size * 4)))
+        ds = ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks])
         scored = ds.map_batches(
             BatchPredictor,
-            fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "threads": threads or None,
+            fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                                    "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces},
             batch_size=batch_size, batch_format="numpy", **options,
         )

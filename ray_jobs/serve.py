@@ -25,6 +25,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from agecore import storage
 from agecore.checkpoint import CALIBRATION
 from agecore.datasets import AGE_BAND_LABELS, age_band
 from agecore.faces import Face
@@ -94,8 +95,8 @@ class AgeService:
     def __init__(self, checkpoint: str, max_body_mb: float = DEFAULT_MAX_BODY_MB, threads: int | None = None) -> None:
         self.predictor = Predictor(checkpoint, threads=threads)
         self.max_body = int(max_body_mb * 1024 * 1024)
-        cal_path = Path(checkpoint) / CALIBRATION
-        self.calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
+        cal_path = storage.join(checkpoint, CALIBRATION)
+        self.calibration = json.loads(storage.read_text(cal_path)) if storage.exists(cal_path) else None
         val_mae = self.predictor.meta.get("metrics", {}).get("val_mae") or 5.0
         self.fallback_margin = 2 * float(val_mae)
 
@@ -226,7 +227,7 @@ def age_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serv
     """
     if "checkpoint" not in args:
         raise ValueError("serve_config.yaml: the application needs args: {checkpoint: PATH}")
-    checkpoint = str(Path(args["checkpoint"]).expanduser().resolve())
+    checkpoint = storage.absolute(args["checkpoint"])
     if not (Path(checkpoint) / "checkpoint.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not an agecore checkpoint (no checkpoint.json)")
     deployment = AgeService.options(**options) if options else AgeService

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pa_ds
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from agecore import plots
+from agecore import plots, storage
 from agecore.checkpoint import TRAIN_STATE, load_train_state, read_meta, save_checkpoint
 from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
 from agecore.model import (
@@ -210,32 +212,39 @@ def build_feature_cache(
     that lower part's weights, so runs that differ only above the cut share one cache.
     """
     lower = split_model(model, cut_stage)[0]
-    root = Path(cache_root or Path(prepared) / "cache") / _cache_key(prepared, prep, cut_stage, lower.state_dict())
+    # a folder or a URI that every node reaches: Ray Data's tasks write it wherever they run
+    root = storage.join(cache_root or storage.join(prepared, "cache"),
+                        _cache_key(prepared, prep, cut_stage, lower.state_dict()))
+    paths = {split: storage.join(root, f"split={split}") for split in ("train", "val")}
+    complete = storage.join(root, "_COMPLETE")
+    if storage.exists(complete):
+        log.info("feature cache: reusing %s", root)
+        return paths
+    start = time.perf_counter()
+    storage.delete_dir(root)  # what an interrupted build left behind
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     gpu = ray.cluster_resources().get("GPU", 0) > 0
     options, threads = model_actor_options(gpu)
-    paths = {}
-    for split in ("train", "val"):
-        final = root / split
-        paths[split] = str(final)
-        if (final / "_COMPLETE").exists():
-            log.info("feature cache %s: reusing %s", split, final)
-            continue
-        start = time.perf_counter()
-        tmp = root / f"{split}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds = ray.data.read_parquet(split_dir(prepared, split)).select_columns(["image", "age"])
-        ds.map_batches(
-            FeatureExtractor,
-            fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
-                                   "threads": threads, "device": "cuda" if gpu else "cpu"},
-            batch_size=16, batch_format="numpy", **options,
-        ).write_parquet(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (final / "_COMPLETE").touch()
-        log.info("feature cache %s: %s in %.0f s", split, final, time.perf_counter() - start)
+    # both splits in one pass: one pool of model actors to start, not one per split
+    parts = [
+        ray.data.read_parquet(split_dir(prepared, split)).select_columns(["image", "age"])
+        .add_column("split", lambda t, split=split: pa.array([split] * t.num_rows), batch_format="pyarrow")
+        for split in paths
+    ]
+    parts[0].union(*parts[1:]).map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
+                               "threads": threads, "device": "cuda" if gpu else "cpu"},
+        batch_size=16, batch_format="numpy", **options,
+    ).write_parquet(root, partition_cols=["split"])
+    storage.write_text(complete, "")  # last: a cache without it is rebuilt
+    log.info("feature cache: %s in %.0f s", root, time.perf_counter() - start)
     return paths
+
+
+def _fragments(path: str) -> list[pa_ds.Fragment]:
+    fs, inner = storage.filesystem(path)
+    return list(pa_ds.dataset(inner, filesystem=fs, format="parquet").get_fragments())
 
 
 def resolve_cut(model_cfg: ModelConfig, cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
@@ -275,7 +284,9 @@ def setup_run(
                                     target_scale=round(max(ages["std"], 1.0), 2))
     default_prep = default_preprocessing(model_cfg.backbone)
     prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"])
-    model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
+    with torch.random.fork_rng():  # one seed, one initial network: reproducible, and the feature cache is reused
+        torch.manual_seed(cfg.seed)
+        model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
     cfg = resolve_cut(model_cfg, cfg, model)
 
     init_ray(address)
@@ -286,11 +297,13 @@ def setup_run(
         data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
                                    model, cache_dir)
         columns = ["features", "age"]
-    datasets = {s: ray.data.read_parquet(p).select_columns(columns) for s, p in data.items()}
     if cfg.mode == "frozen":
         # pooled embeddings are small (15,745 faces: about 80 MB); held in the object store, an epoch
         # no longer re-reads Parquet, which otherwise costs more than training the head does
-        datasets = {s: ds.materialize() for s, ds in datasets.items()}
+        datasets = {s: ray.data.from_arrow([f.to_table(columns=columns) for f in _fragments(p)])
+                    for s, p in data.items()}
+    else:
+        datasets = {s: ray.data.read_parquet(p).select_columns(columns) for s, p in data.items()}
     datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
     cpus = ray.cluster_resources().get("CPU", 1)
     if cpus_per_worker is None:  # leave a CPU for Ray Data, or the workers starve the input pipeline
@@ -352,24 +365,25 @@ def train(
     ``Predictor`` and the error quantiles per age band are stored beside it (``calibration.json``).
     """
     start = time.perf_counter()
-    out_path = Path(out).resolve()
-    run_dir = storage_path or str(out_path)
-    if "://" not in run_dir and (Path(run_dir) / RUN_NAME).exists() and not resume:
-        raise FileExistsError(f"{Path(run_dir) / RUN_NAME} holds an earlier run: pass --resume to continue it, "
-                              "or choose another --out")
+    out, prepared = storage.absolute(out), storage.absolute(prepared)
+    run_dir = storage.absolute(storage_path or out)  # Ray Train's own folder: local, shared or a URI
+    if storage.exists(storage.join(run_dir, RUN_NAME)) and not resume:
+        raise FileExistsError(f"{storage.join(run_dir, RUN_NAME)} holds an earlier run: pass --resume to continue "
+                              "it, or choose another --out")
     setup = setup_run(prepared, model_cfg, cfg, cpus_per_worker=cpus_per_worker, cache_dir=cache_dir, address=address)
-    out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "config.json").write_text(json.dumps(
-        {"prepared": str(Path(prepared).resolve()), "model": setup.model_cfg.to_dict(), "train": setup.cfg.to_dict(),
-         "preprocessing": setup.prep.to_dict()}, indent=2) + "\n")
-    best = finish(make_trainer(setup, run_dir).fit(), out_path)
-    if attach:
-        from ray_jobs.evaluate import evaluate
+    with storage.output_dir(out) as out_path:  # OUT itself, or a staging folder uploaded to a URI at the end
+        (out_path / "config.json").write_text(json.dumps(
+            {"prepared": prepared, "model": setup.model_cfg.to_dict(), "train": setup.cfg.to_dict(),
+             "preprocessing": setup.prep.to_dict()}, indent=2) + "\n")
+        best = finish(make_trainer(setup, run_dir).fit(), out_path)
+        if attach:
+            from ray_jobs.evaluate import evaluate
 
-        report = evaluate(str(out_path / "best"), prepared, str(out_path / "val-eval"), split="val", attach=True)
-        best["val_mae_predictor"] = report["metrics"]["mae"]
-    best["wall_seconds"] = round(time.perf_counter() - start, 1)
-    (out_path / "summary.json").write_text(json.dumps(best, indent=2) + "\n")
+            report = evaluate(str(out_path / "best"), prepared, str(out_path / "val-eval"), split="val", attach=True)
+            best["val_mae_predictor"] = report["metrics"]["mae"]
+        best["wall_seconds"] = round(time.perf_counter() - start, 1)
+        (out_path / "summary.json").write_text(json.dumps(best, indent=2) + "\n")
+    log.info("outputs in %s", out)
     return best
 
 
@@ -392,8 +406,7 @@ def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
     history.to_csv(out / "metrics.csv", index=False)
     plots.learning_curves(history, out / "curves.png")
     meta = read_meta(best)
-    log.info("best validation MAE %.3f at epoch %d of %d run; checkpoint in %s",
-             meta["metrics"]["val_mae"], meta["epoch"], len(history), best)
+    log.info("best validation MAE %.3f at epoch %d of %d run", meta["metrics"]["val_mae"], meta["epoch"], len(history))
     return {k: v for k, v in meta["metrics"].items() if k != "history"}
 
 
@@ -402,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="age train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared", required=True, help="output folder of `age prepare`")
-    p.add_argument("--out", required=True, help="run folder: best/, metrics.csv, curves.png")
+    p.add_argument("--out", required=True, help="run folder or URI: best/, metrics.csv, curves.png")
     p.add_argument("--backbone", default=ModelConfig.backbone, help="any timm model name")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--pretrained-file", default=None, help="local ImageNet weights (.safetensors/.pth)")
@@ -430,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attach", action="store_true",
                    help="skip scoring best/ on the validation split (error quantiles for age verification)")
     p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default OUT; s3:// works)")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder (default PREPARED/cache)")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder or URI (default PREPARED/cache)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p
 

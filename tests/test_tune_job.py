@@ -11,8 +11,6 @@ from agecore.checkpoint import read_meta
 from agecore.predictor import Predictor
 from ray_jobs.tune import build_parser, tune_run
 
-# Four Tune trials, each a TorchTrainer run, take several minutes on 2 cores: outside the default run
-# (pyproject's addopts deselect the `tune` marker); `pytest -m tune tests/test_tune_job.py` runs it.
 pytestmark = [pytest.mark.slow, pytest.mark.tune]
 
 
@@ -21,7 +19,7 @@ def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_pa
     args = build_parser().parse_args([
         "--prepared", str(prepared_small), "--out", str(tmp_path), "--samples", "1", "--mode", "frozen",
         "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--grace", "1",
-        "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003",
+        "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003", "--concurrent", "2", "--cpus-per-worker", "0.5",
     ])
     table = tune_run(args)
     saved = pd.read_csv(tmp_path / "trials.csv")
