@@ -23,7 +23,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from agecore import plots
+from agecore import plots, storage
 from agecore.config import MODES, ModelConfig, TrainConfig
 from ray_jobs.common import setup_logging
 from ray_jobs.train import RunSetup, export_best, make_trainer, setup_run
@@ -118,12 +118,13 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
     # refuses an empty request, hence a token share.)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, trials_dir=str(trials_dir)),
                                     {"CPU": 0.01})
-    experiment = str(out / SEARCH_NAME)
+    search_root = storage.absolute(args.storage_path or out)  # Tune's own state: a folder or a URI
+    experiment = storage.join(search_root, SEARCH_NAME)
     if args.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming the search in %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
     else:
-        if Path(experiment).exists():
+        if storage.exists(experiment):
             raise FileExistsError(f"{experiment} holds an earlier search: pass --resume, or choose another --out")
         tuner = tune.Tuner(
             trainable,
@@ -134,7 +135,7 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
                 scheduler=tune.schedulers.ASHAScheduler(max_t=args.epochs, grace_period=min(args.grace, args.epochs),
                                                         reduction_factor=3),
             ),
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(out)),
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_root),
         )
     table = summarize(tuner.fit(), out, trials_dir)
     best = table.iloc[0]
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay-range", type=float, nargs=2, default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--storage-path", default=None,
+                   help="where Ray Tune keeps the search state (default OUT; s3:// works); OUT itself is a local or "
+                        "shared folder")
     p.add_argument("--address", default=None)
     return p
 

@@ -9,7 +9,7 @@ import ray
 
 from agecore.checkpoint import read_meta
 from agecore.predictor import Predictor
-from ray_jobs.tune import build_parser, tune_run
+from ray_jobs.tune import SEARCH_NAME, build_parser, tune_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.tune]
 
@@ -20,6 +20,7 @@ def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_pa
         "--prepared", str(prepared_small), "--out", str(tmp_path), "--samples", "1", "--mode", "frozen",
         "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--grace", "1",
         "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003", "--concurrent", "2", "--cpus-per-worker", "0.5",
+        "--storage-path", f"file://{tmp_path}/search-state",  # Tune's own state on a URI
     ])
     table = tune_run(args)
     saved = pd.read_csv(tmp_path / "trials.csv")
@@ -32,6 +33,7 @@ def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_pa
     assert best_meta["metrics"]["val_mae"] == pytest.approx(ok["best_val_mae"].min(), abs=1e-6)
     assert best_meta["model"]["dropout"] == pytest.approx(ok.loc[ok["best_val_mae"].idxmin(), "config/dropout"])
     assert (tmp_path / "tune.png").stat().st_size > 10_000
+    assert (tmp_path / "search-state" / SEARCH_NAME).is_dir() and not (tmp_path / SEARCH_NAME).exists()
     assert Predictor(tmp_path / "best").predict_arrays(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1,)
     # Tune stops each trial at its last report; Ray Train must still release the trial's CPUs, or the
     # next trial of a longer search would wait for them forever
