@@ -87,7 +87,10 @@ def test_service_recovers_from_a_killed_replica(two_replicas, faces_root):
     # at most the requests in flight on the killed replica may fail (one per client at the time)
     assert sum(failed.values()) <= clients, failed
     assert after[-clients * 3:] == ["ok"] * len(after[-clients * 3:])
-    status = serve.status().applications["failover"]
-    assert status.status == "RUNNING"
+    # the controller marks the application RUNNING again once its health checks see the new replica
+    deadline = time.monotonic() + 60
+    while (status := serve.status().applications["failover"].status) != "RUNNING":
+        assert time.monotonic() < deadline, f"application still {status} a minute after the replica came back"
+        time.sleep(1)
     assert len(alive_actors("ServeReplica:failover")) == 2
     print(f"replica killed under load: {len(after)} requests after the kill, failed: {dict(failed) or 'none'}")
