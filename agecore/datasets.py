@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
+import pyarrow.parquet as pq
 
+from agecore import storage
 from agecore.config import MAX_AGE
-from agecore.images import IMAGE_EXTENSIONS, is_uri
+from agecore.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +63,22 @@ def parse_utkface_name(name: str) -> dict[str, object] | None:
 
 
 def _join(root: str, name: str) -> str:
-    if is_uri(name) or os.path.isabs(name):
+    if storage.is_remote(name) or os.path.isabs(name):
         return name
-    return f"{root.rstrip('/')}/{name}" if is_uri(root) else os.path.abspath(os.path.join(root, name))
+    return f"{root.rstrip('/')}/{name}" if storage.is_remote(root) else os.path.abspath(os.path.join(root, name))
 
 
 def _read_table(path: str) -> pd.DataFrame:
-    if path.endswith(".parquet") or (not is_uri(path) and Path(path).is_dir()):
+    """A CSV (every column as text, as written) or a Parquet file or folder, local or behind a URI."""
+    if path.endswith(".parquet") or (not storage.is_remote(path) and Path(path).is_dir()):
+        if storage.is_remote(path):
+            fs, inner = storage.filesystem(path)
+            return pq.read_table(inner, filesystem=fs).to_pandas()
         return pd.read_parquet(path)
-    if is_uri(path):
-        import pyarrow.csv
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if storage.is_remote(path):
+        fs, inner = storage.filesystem(path)
         with fs.open_input_stream(inner) as f:
-            return pyarrow.csv.read_csv(f).to_pandas()
+            return pd.read_csv(f, dtype=str, keep_default_na=False)
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
@@ -129,7 +133,7 @@ def read_manifest(path: str) -> pd.DataFrame:
     missing = {"path", "age"} - set(table.columns)
     if missing:
         raise ValueError(f"manifest {path} lacks the column(s) {sorted(missing)}; it needs path,age")
-    root = path.rsplit("/", 1)[0] if is_uri(path) else os.path.dirname(os.path.abspath(path))
+    root = path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
     df = table.copy()
     df["path"] = [_join(root, str(p)) for p in table["path"]]
     df["age"] = table["age"].astype(str).str.strip()
@@ -148,7 +152,7 @@ def detect_format(data: str) -> str:
     ``utkface`` for a folder of images whose names start with the age."""
     if data.endswith((".csv", ".parquet")):
         return "manifest"
-    if is_uri(data):
+    if storage.is_remote(data):
         return "labels-csv"
     root = Path(data)
     if not root.exists():
@@ -252,12 +256,10 @@ def list_images(source: str) -> list[str]:
         table = _read_table(source)
         if "path" not in table:
             raise ValueError(f"manifest {source} has no 'path' column")
-        root = source.rsplit("/", 1)[0] if is_uri(source) else os.path.dirname(os.path.abspath(source))
+        root = source.rsplit("/", 1)[0] if storage.is_remote(source) else os.path.dirname(os.path.abspath(source))
         return [_join(root, str(p)) for p in table["path"]]
-    if is_uri(source):
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(source)
+    if storage.is_remote(source):
+        fs, inner = storage.filesystem(source)
         scheme = source.split("://", 1)[0]
         infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
         return sorted(f"{scheme}://{i.path}" for i in infos if i.is_file and _has_image_suffix(i.path))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from agecore import storage
 from agecore.config import Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -41,20 +42,14 @@ class ImageError(ValueError):
         self.detail = detail
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def read_bytes(path: str) -> bytes:
-    """Read a local path or any URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``)."""
+    """Read a local path or any URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``, ``file://``)."""
     try:
-        if is_uri(path):
-            import pyarrow.fs
-
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        if storage.is_remote(path):
+            fs, inner = storage.filesystem(path)
             with fs.open_input_stream(inner) as f:
                 return f.read()
-        return Path(path.removeprefix("file://")).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError as e:
         raise ImageError("missing_file", f"{path}: no such file") from e
     except IsADirectoryError as e:

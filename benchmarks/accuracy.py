@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray
 
 from agecore import metrics
 from agecore.config import ModelConfig, TrainConfig
 from agecore.model import create_model, default_preprocessing
 from agecore.prepare import read_prepare_info
-from ray_jobs.common import init_ray, setup_logging
+from ray_jobs.common import init_ray, read_parquet, setup_logging
 from ray_jobs.train import build_feature_cache, train
 
 
@@ -60,7 +59,7 @@ def ridge(train_x: np.ndarray, train_y: np.ndarray, alphas=(0.1, 1, 10, 100, 100
 
 def load_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, 2 views, D) and ages from a frozen-mode feature cache, read as training reads it."""
-    batches = list(ray.data.read_parquet(path).select_columns(["features", "age"])
+    batches = list(read_parquet(path).select_columns(["features", "age"])
                    .iter_batches(batch_size=4096, batch_format="numpy"))
     feats = np.concatenate([b["features"] for b in batches])
     ages = np.concatenate([b["age"] for b in batches])

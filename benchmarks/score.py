@@ -3,7 +3,9 @@
     python benchmarks/score.py --checkpoint runs/train/best --images ../shared/data/faces/final_files --limit 5000
 
 1. the Ray Data scoring job (``ray_jobs.score``: read, decode, preprocess, predict, write Parquet);
-2. the ceiling: the predictor's forward pass alone on tensors decoded beforehand;
+2. the ceiling: the predictor's forward pass alone on tensors decoded beforehand, the best of two layouts
+   of this machine's CPUs: one process running all of them as torch threads, and one single-thread
+   process per CPU running at the same time (on CPUs the second is often the faster);
 3. naive loops, per image: PIL open, preprocess, model on a batch of one; once with the plain eager
    PyTorch model (what a hand-written loop runs) and once with the predictor's frozen TorchScript graph.
 
@@ -13,6 +15,8 @@ All rows use the checkpoint's own settings (flip TTA included) and this process'
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from agecore.datasets import list_images
 from agecore.images import decode, read_bytes, resize_square
@@ -28,11 +33,42 @@ from ray_jobs.common import init_ray, setup_logging
 from ray_jobs.score import score
 
 
+def _timed_forward(checkpoint: str, arrays_file: str, threads: int, barrier, results) -> None:
+    """In a child process: the forward pass over ``arrays_file`` with ``threads``, started with the others."""
+    import torch
+
+    torch.set_num_threads(threads)
+    predictor = Predictor(checkpoint, threads=threads)
+    arrays = np.load(arrays_file)
+    predictor.predict_arrays(arrays[:32])  # warm-up
+    barrier.wait()
+    start = time.perf_counter()
+    predictor.predict_arrays(arrays)
+    results.put(len(arrays) / (time.perf_counter() - start))
+
+
+def forward_rate(checkpoint: str, arrays: np.ndarray, processes: int, threads: int, work: Path) -> float:
+    """Images/s of ``processes`` single-model processes of ``threads`` threads each, running together."""
+    arrays_file = work / "arrays.npy"
+    np.save(arrays_file, arrays)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_timed_forward, args=(checkpoint, str(arrays_file), threads, barrier, results))
+             for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    rates = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(rates)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--limit", type=int, default=5000)
+    p.add_argument("--concurrency", type=int, default=None, help="predictor actors of the job (default: the job's)")
     p.add_argument("--naive-limit", type=int, default=300, help="the naive loop is slow: time it on fewer images")
     args = p.parse_args()
     setup_logging()
@@ -43,16 +79,18 @@ def main() -> None:
 
     init_ray()
     start = time.perf_counter()
-    score(args.checkpoint, str(manifest), str(work / "scores"))
+    summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency)
     job = len(paths) / (time.perf_counter() - start)
 
     predictor = Predictor(args.checkpoint)
     size, interp = predictor.prep.input_size, predictor.prep.interpolation
     arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths[:1024]])
-    predictor.predict_arrays(arrays[:32])  # warm-up
-    start = time.perf_counter()
-    predictor.predict_arrays(arrays)
-    ceiling = len(arrays) / (time.perf_counter() - start)
+    cpus = os.cpu_count() or 1
+    ceilings = {f"1 process x {torch.get_num_threads()} threads":
+                forward_rate(args.checkpoint, arrays, 1, torch.get_num_threads(), work)}
+    if cpus > 1:
+        ceilings[f"{cpus} processes x 1 thread"] = forward_rate(args.checkpoint, arrays, cpus, 1, work)
+    ceiling = max(ceilings.values())
 
     def naive_loop(p: Predictor) -> float:
         p.predict([decode(read_bytes(paths[0]))])  # warm-up
@@ -69,8 +107,10 @@ def main() -> None:
           f"{size} px, flip TTA {predictor.tta_flip}):")
     print("| method | images/s | share of ceiling |")
     print("|---|---:|---:|")
-    print(f"| age score (Ray Data job, end to end) | {job:.1f} | {job / ceiling:.0%} |")
-    print(f"| forward pass alone on decoded tensors (ceiling) | {ceiling:.1f} | 100% |")
+    print(f"| age score (Ray Data job, end to end; {summary['actors']} predictor actors x {summary['threads']} threads)"
+          f" | {job:.1f} | {job / ceiling:.0%} |")
+    for layout, rate in ceilings.items():
+        print(f"| forward pass alone on decoded tensors, {layout} | {rate:.1f} | {rate / ceiling:.0%} |")
     print(f"| naive loop, batch of one, eager PyTorch model | {naive_eager:.1f} | {naive_eager / ceiling:.0%} |")
     print(f"| naive loop, batch of one, frozen TorchScript graph | {naive:.1f} | {naive / ceiling:.0%} |")
     print(f"\njob / naive eager loop: {job / naive_eager:.1f}x; job / naive frozen loop: {job / naive:.1f}x")

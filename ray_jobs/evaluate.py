@@ -23,7 +23,7 @@ from agecore.datasets import read_records, validate_labels
 from agecore.evaluate import attach_calibration, build_report, calibration
 from agecore.predictor import BatchPredictor
 from agecore.prepare import split_dir
-from ray_jobs.common import init_ray, model_actor_options, setup_logging
+from ray_jobs.common import init_ray, model_actor_options, read_parquet, setup_logging
 
 log = logging.getLogger("ray_jobs.evaluate")
 
@@ -35,7 +35,7 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                       "device": "cuda" if gpu else "cpu"}
     if storage.exists(storage.join(data, "prepare.json")):
-        ds = ray.data.read_parquet(split_dir(data, split))
+        ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
         ds = ds.select_columns(keep)
         rejects = pd.DataFrame(columns=["path", "reason", "detail"])

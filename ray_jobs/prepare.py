@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
 import pandas as pd
@@ -16,7 +15,6 @@ import ray
 from agecore import storage
 from agecore.config import FORMATS, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
-from agecore.images import is_uri
 from agecore.model import default_preprocessing
 from agecore.prepare import attach_split, decode_batch, plan_splits, write_report
 from ray_jobs.common import init_ray, setup_logging
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     prep = default_preprocessing(args.backbone)
     cfg = PrepareConfig(
-        data=args.data if is_uri(args.data) else os.path.abspath(args.data), out=args.out, format=args.format,
+        data=storage.absolute(args.data), out=args.out, format=args.format,
         image_size=args.image_size or prep.input_size, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
     )

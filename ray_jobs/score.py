@@ -121,9 +121,11 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
     todo = [p for p in dict.fromkeys(paths) if p not in done]
     log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
     start, written, failed, faces, no_face = time.perf_counter(), 0, 0, 0, 0
+    actors = threads = 0
     if todo:
         init_ray(address)
         options, threads = model_actor_options(gpu, concurrency)
+        actors = options["compute"].min_size
         # blocks cut here, in the driver, rather than by a repartition: a shuffle task lost with a node
         # could not be retried while the surviving predictor actors held every CPU (seen: a deadlock)
         blocks = np.array_split(np.array(todo, dtype=object), max(1, len(todo) // (batch_size * 4)))
@@ -149,7 +151,8 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
             log.info("scored %d / %d (%.1f images/s)", written, len(todo), written / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
     summary = {"input": input, "images": len(paths), "skipped_already_scored": len(paths) - len(todo),
-               "scored_now": written, "unusable_now": failed, "seconds": round(seconds, 1),
+               "scored_now": written, "unusable_now": failed, "actors": actors, "threads": threads,
+               "seconds": round(seconds, 1),
                "images_per_second": round(written / seconds, 1) if written else None}
     if detect_faces:
         summary.update(faces_found_now=faces, images_without_face_now=no_face)

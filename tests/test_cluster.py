@@ -26,6 +26,7 @@ import pytest
 import requests
 import yaml
 
+from ray_jobs.train import RUN_NAME
 from tests.conftest import free_port, make_labels_dir, subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,13 @@ def _process_tree(root_marker: str) -> list[int]:
     return sorted(found)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def stop_node(temp_dir: str) -> None:
     """Stop one node of a cluster on this machine (``ray stop`` would stop every node here)."""
     for pid in _process_tree(temp_dir):
@@ -104,6 +112,13 @@ class Cluster:
                          headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
         r.raise_for_status()
         return r.json()
+
+    def actors(self) -> list[dict]:
+        """Every actor of the cluster, dead ones included (the State API's REST route)."""
+        r = requests.get(f"{self.dashboard}/api/v0/actors", params={"limit": 10000, "detail": "true"}, timeout=30,
+                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        r.raise_for_status()
+        return r.json()["data"]["result"]["result"]
 
     def status(self, job_id: str) -> str:
         return self._get(job_id)["status"]
@@ -155,19 +170,32 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     data = make_labels_dir(faces_root, tmp_path / "data", 160)
     prepared, run = tmp_path / "prepared", tmp_path / "train"
     # outputs and inputs as URIs, through pyarrow as s3:// ones would be (file:// here: no object store)
-    cluster.submit("-m", "ray_jobs.prepare", "--data", str(data), "--out", f"file://{prepared}", "--image-size", "64",
+    cluster.submit("-m", "ray_jobs.prepare", "--data", f"file://{data}", "--out", f"file://{prepared}", "--image-size", "64",
                    timeout=300)
     summary = json.loads((prepared / "report" / "summary.json").read_text())
     assert summary["accepted"] == 160 and summary["rejected"] == 0
 
-    # two DDP workers of 1.5 CPUs cannot share a 2-CPU node: one runs on each node
-    cluster.submit("-m", "ray_jobs.train", "--prepared", f"file://{prepared}", "--out", f"file://{run}", "--backbone",
-                   "test_resnet", "--no-pretrained", "--mode", "frozen", "--workers", "2", "--cpus-per-worker",
-                   "1.5", "--epochs", "2", "--batch-size", "32", "--no-attach", timeout=400)
+    # two DDP workers of 1.5 CPUs cannot share a 2-CPU node: one runs on each node. The one on the worker
+    # node is killed (SIGKILL, as a lost machine leaves it) once the first epoch is saved: Ray Train
+    # starts the group again from that checkpoint and the run finishes every epoch exactly once.
+    job = cluster.submit("-m", "ray_jobs.train", "--prepared", f"file://{prepared}", "--out", f"file://{run}",
+                         "--backbone", "test_resnet", "--no-pretrained", "--mode", "finetune", "--workers", "2",
+                         "--cpus-per-worker", "1.5", "--epochs", "2", "--batch-size", "32", "--no-attach", wait=False)
+    deadline = time.monotonic() + 300
+    while not list((run / RUN_NAME).glob("checkpoint_*")):
+        assert cluster.status(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job)[-3000:]
+        time.sleep(0.2)
+    killed = [pid for pid in _process_tree(cluster.worker_dir) if "RayTrainWorker" in _cmdline(pid)]
+    assert len(killed) == 1, killed
+    os.kill(killed[0], signal.SIGKILL)
+    cluster.wait(job, timeout=400)
     history = pd.read_csv(run / "metrics.csv")
-    assert history["epoch"].tolist() == [0, 1]
+    assert history["epoch"].tolist() == [0, 1]  # nothing lost, nothing done twice
     assert (history["nodes"] == 2).all()
-    assert (run / "best" / "checkpoint.json").is_file()
+    assert json.loads((run / "best" / "checkpoint.json").read_text())["train"]["mode"] == "finetune"
+    workers = [a for a in cluster.actors() if a["class_name"] == "RayTrainWorker"]
+    assert killed[0] in {a["pid"] for a in workers}
+    assert len(workers) >= 4, "the worker group was not started again"
 
     # score a collection while the worker node is stopped under it: every row still arrives, once
     photos = tmp_path / "photos"
@@ -176,7 +204,7 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     for name in names:
         os.symlink(faces_root / "final_files" / name, photos / name)
     scores = tmp_path / "scores"
-    job = cluster.submit("-m", "ray_jobs.score", "--checkpoint", f"file://{run}/best", "--input", str(photos),
+    job = cluster.submit("-m", "ray_jobs.score", "--checkpoint", f"file://{run}/best", "--input", f"file://{photos}",
                          "--out", f"file://{scores}", "--batch-size", "16", "--concurrency", "3", wait=False)
     deadline = time.monotonic() + 120
     while "to score" not in cluster.logs(job):

@@ -49,3 +49,29 @@ def test_missing_uri_checkpoint_names_the_path(tmp_path):
         read_meta(f"file://{tmp_path}/nothing")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_checkpoint(f"file://{tmp_path}/nothing")
+
+
+def test_inputs_behind_a_file_uri_read_as_local_ones(tmp_path):
+    """Readers take a URI through pyarrow, ``file://`` included, and give the same rows as the plain path."""
+    from PIL import Image
+
+    from agecore.datasets import list_images, read_records
+    from agecore.images import read_bytes
+
+    (tmp_path / "final_files" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png"):
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "final_files" / name)
+    (tmp_path / "final_files" / "notes.txt").write_text("not an image")
+    (tmp_path / "labels.csv").write_text("file_name,real_age\na.jpg,31\nsub/b.png,007\n")
+    uri = f"file://{tmp_path}"
+
+    assert list_images(f"{uri}/final_files") == [f"file://{p}" for p in list_images(str(tmp_path / "final_files"))]
+    assert len(list_images(f"{uri}/final_files")) == 2
+    records, fmt = read_records(uri)
+    local, _ = read_records(str(tmp_path))
+    assert fmt == "labels-csv"
+    assert records["age"].tolist() == local["age"].tolist() == ["31", "007"]  # labels stay text, as written
+    assert records["path"].tolist() == [f"{uri}/final_files/a.jpg", f"{uri}/final_files/sub/b.png"]
+    assert read_bytes(records["path"][0]) == (tmp_path / "final_files" / "a.jpg").read_bytes()
+    with pytest.raises(Exception, match="missing_file"):
+        read_bytes(f"{uri}/final_files/gone.jpg")
