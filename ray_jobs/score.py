@@ -124,7 +124,8 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
     actors = threads = 0
     if todo:
         init_ray(address)
-        options, threads = model_actor_options(gpu, concurrency)
+        # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
+        options, threads = model_actor_options(gpu, concurrency, cpus_per_actor=1)
         actors = options["compute"].min_size
         # blocks cut here, in the driver, rather than by a repartition: a shuffle task lost with a node
         # could not be retried while the surviving predictor actors held every CPU (seen: a deadlock)
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, manifest .csv/.parquet with path, or URI")
     p.add_argument("--out", required=True, help="output Parquet folder (local or URI)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per 2 CPUs or per GPU)")
+    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: find the faces (MTCNN) and write one row per face")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -62,7 +63,7 @@ def search_space(args: argparse.Namespace) -> dict[str, Any]:
     return space
 
 
-def summarize(results: tune.ResultGrid, out: Path, trials_dir: Path) -> pd.DataFrame:
+def summarize(results: tune.ResultGrid, out: Path, trials_dir: str) -> pd.DataFrame:
     """trials.csv, tune.png and best/ from a finished (or partly failed) search."""
     rows = []
     for r in results:
@@ -79,8 +80,8 @@ def summarize(results: tune.ResultGrid, out: Path, trials_dir: Path) -> pd.DataF
     table = pd.DataFrame(rows).sort_values("best_val_mae", na_position="last").reset_index(drop=True)
     table.to_csv(out / "trials.csv", index=False)
     ok = table[table["best_val_mae"].notna()]
-    if ok.empty:
-        raise RuntimeError(f"every trial failed; see {out / 'trials.csv'}: {table['error'].iloc[0]}")
+    if ok.empty:  # the caller reports it, once trials.csv is where the user looks
+        return table
     plots.tune_scatter(ok, out / "tune.png")
     winner = results.get_best_result(metric="val_mae", mode="min", scope="all", filter_nan_and_inf=True)
     export_best(ray.train.Result.from_path(_trial_folder(trials_dir, winner)), out / "best")
@@ -88,18 +89,19 @@ def summarize(results: tune.ResultGrid, out: Path, trials_dir: Path) -> pd.DataF
     return table
 
 
-def _trial_folder(trials_dir: Path, result: tune.Result) -> Path:
-    """The Ray Train run folder of a trial (``run_trial`` names it after the trial id)."""
-    for folder in trials_dir.glob("trial_*"):
-        if f"_{folder.name.removeprefix('trial_')}_" in Path(result.path).name:  # run_trial_<id>_<n>_<config>
-            return folder
+def _trial_folder(trials_dir: str, result: tune.Result) -> str:
+    """The Ray Train run folder (path or URI) of a trial (``run_trial`` names it after the trial id)."""
+    fs, inner = storage.filesystem(trials_dir)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(inner)):
+        name = info.base_name
+        if name.startswith("trial_") and f"_{name.removeprefix('trial_')}_" in Path(result.path).name:
+            return storage.join(trials_dir, name)  # result.path: run_trial_<id>_<n>_<config>
     raise FileNotFoundError(f"no Ray Train run folder in {trials_dir} for the trial {result.path}")
 
 
 def tune_run(args: argparse.Namespace) -> pd.DataFrame:
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    trials_dir = out / "trials"
+    out = storage.absolute(args.out)  # a folder or a URI; trials' Ray Train runs are written there directly
+    trials_dir = storage.join(out, "trials")
     if args.pretrained_file:
         pretrained, file = "file", str(Path(args.pretrained_file).resolve())
     else:
@@ -116,7 +118,7 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
     # A trial only drives its TorchTrainer, whose workers hold the resources: a trial that held a whole
     # CPU itself would leave a small machine none for its workers, and the search would hang. (Tune
     # refuses an empty request, hence a token share.)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, trials_dir=str(trials_dir)),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, trials_dir=trials_dir),
                                     {"CPU": 0.01})
     search_root = storage.absolute(args.storage_path or out)  # Tune's own state: a folder or a URI
     experiment = storage.join(search_root, SEARCH_NAME)
@@ -137,11 +139,15 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
             ),
             run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_root),
         )
-    table = summarize(tuner.fit(), out, trials_dir)
+    with storage.output_dir(out) as out_path:  # trials.csv, tune.png, best/: staged, then uploaded to a URI
+        table = summarize(tuner.fit(), out_path, trials_dir)
+    if table["best_val_mae"].isna().all():
+        raise RuntimeError(f"every trial failed; see {storage.join(out, 'trials.csv')}: {table['error'].iloc[0]}")
     best = table.iloc[0]
     log.info("%d trials (%d failed); best validation MAE %.3f with %s; checkpoint in %s",
              len(table), int((table["status"] == "ERROR").sum()), best["best_val_mae"],
-             {k.removeprefix("config/"): best[k] for k in table.columns if k.startswith("config/")}, out / "best")
+             {k.removeprefix("config/"): best[k] for k in table.columns if k.startswith("config/")},
+             storage.join(out, "best"))
     return table
 
 
@@ -150,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="age tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder or URI: trials.csv, tune.png, best/, trials/")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--mode", default="frozen", choices=MODES)
     p.add_argument("--backbone", default=ModelConfig.backbone)
@@ -174,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--storage-path", default=None,
-                   help="where Ray Tune keeps the search state (default OUT; s3:// works); OUT itself is a local or "
-                        "shared folder")
+                   help="where Ray Tune keeps the search state (default OUT; a folder or a URI)")
     p.add_argument("--address", default=None)
     return p
 

@@ -17,10 +17,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.tune]
 def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_path):
     # dropout 1.5 is invalid: that trial raises inside its worker and must be recorded, not sink the search
     args = build_parser().parse_args([
-        "--prepared", str(prepared_small), "--out", str(tmp_path), "--samples", "1", "--mode", "frozen",
+        "--prepared", str(prepared_small), "--out", f"file://{tmp_path}", "--samples", "1", "--mode", "frozen",
         "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--grace", "1",
         "--dropouts", "0.0", "0.3", "0.6", "1.5", "--lrs", "0.003", "--concurrent", "2", "--cpus-per-worker", "0.5",
-        "--storage-path", f"file://{tmp_path}/search-state",  # Tune's own state on a URI
+        "--storage-path", f"file://{tmp_path}/search-state",  # outputs and Tune's own state on URIs
     ])
     table = tune_run(args)
     saved = pd.read_csv(tmp_path / "trials.csv")
