@@ -41,8 +41,8 @@ def read_parquet(path: str, *, num_cpus: float | None = None) -> ray.data.Datase
     Ray 2.60 reads Parquet by default as a ListFiles task followed by ReadFiles tasks, and the
     ListFiles task always asks for a whole CPU. Measured here (2 CPUs, two training workers holding
     one): a pass over a 60-row split took 2.2-3.2 s that way against 0.3 s with the single reader,
-    and training ran every epoch through such passes (the partial-mode training test went from
-    125-138 s to 79 s). Worse, on nodes whose free CPU is under one, as when training workers hold
+    and training runs such passes every epoch (the partial-mode training test went from 125-138 s
+    to 79-101 s). Worse, on nodes whose free CPU is under one, as when training workers hold
     1.5 of a node's 2 CPUs, the listing task never starts and the run hangs. ``num_cpus`` sizes the
     read tasks so that they fit beside such workers.
     """
