@@ -99,3 +99,19 @@ def test_checkpoint_round_trip_describes_itself(tmp_path):
     assert not (tmp_path / "train_state.pt").exists()
     with pytest.raises(FileNotFoundError, match=r"checkpoint\.json"):
         read_meta(tmp_path / "nothing")
+
+
+def test_predictor_chunk_is_timed_on_cpu_and_does_not_change_predictions(tmp_path):
+    import numpy as np
+
+    from agecore.predictor import CPU_CHUNK_CANDIDATES, Predictor
+    from tests.conftest import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ck")
+    images = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    timed = Predictor(ckpt, "cpu")
+    assert timed.batch_size in CPU_CHUNK_CANDIDATES and timed.identity["batch_size"] == timed.batch_size
+    one_by_one = Predictor(ckpt, "cpu", batch_size=1)
+    np.testing.assert_allclose(timed.predict_arrays(images), one_by_one.predict_arrays(images), atol=1e-4)
+    with pytest.raises(ValueError, match="batch_size"):
+        Predictor(ckpt, "cpu", batch_size=0)
