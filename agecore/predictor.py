@@ -104,12 +104,12 @@ class Predictor:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         for n in candidates:
             for _ in range(2):
-                self.model(x[:n])
+                self._network(x[:n])
         seconds_per_image = dict.fromkeys(candidates, float("inf"))
         for _ in range(2):
             for n in candidates:
                 start = time.perf_counter()
-                self.model(x[:n])
+                self._network(x[:n])
                 seconds_per_image[n] = min(seconds_per_image[n], (time.perf_counter() - start) / n)
         best = min(seconds_per_image, key=seconds_per_image.get)
         log.info("forward pass chunk %d chosen (ms an image: %s)", best,
@@ -184,6 +184,11 @@ class Predictor:
 
     # -- inference ---------------------------------------------------------------------------------
 
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass of the network over a normalised batch, in the predictor's precision."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(x).float()
+
     @torch.inference_mode()
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed uint8 NHWC batch -> ages in years (float32), in chunks of ``batch_size``."""
@@ -191,10 +196,9 @@ class Predictor:
         for start in range(0, len(images), self.batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             x = normalize(chunk.to(self.device), self.prep)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                pred = self.model(x).float()
-                if self.tta_flip:
-                    pred = (pred + self.model(torch.flip(x, dims=[3])).float()) / 2
+            pred = self._network(x)
+            if self.tta_flip:
+                pred = (pred + self._network(torch.flip(x, dims=[3]))) / 2
             out.append(pred.cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 

@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=None, help="default: the config's http_options.port")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per replica and for the ceiling (default: what the config gives a replica)")
+                   help="torch threads per replica and for the single-image forward time (default: what the config gives a replica)")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--phase-seconds", type=float, default=20.0)
     p.add_argument("--ceiling-seconds", type=float, default=5.0, help="timing of the single-image forward pass")
