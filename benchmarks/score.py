@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors of the job (default: the job's)")
     p.add_argument("--naive-limit", type=int, default=300, help="the naive loop is slow: time it on fewer images")
+    p.add_argument("--ceiling-images", type=int, default=1024, help="decoded faces each ceiling process runs through")
     args = p.parse_args()
     setup_logging()
     paths = list_images(args.images)[: args.limit]
@@ -92,7 +93,7 @@ def main() -> None:
 
     predictor = Predictor(args.checkpoint)
     size, interp = predictor.prep.input_size, predictor.prep.interpolation
-    arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths[:1024]])
+    arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths[: args.ceiling_images]])
     ceilings = machine_ceilings(args.checkpoint, arrays, work)
     ceiling = max(ceilings.values())
 

@@ -45,6 +45,8 @@ log = logging.getLogger("ray_jobs.score")
 SCHEMA = pa.schema([("path", pa.string()), ("predicted_age", pa.float32()), ("error", pa.string())])
 FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", pa.list_(pa.float32())),
                           ("face_score", pa.float32()), ("predicted_age", pa.float32()), ("error", pa.string())])
+# Each predictor actor gets at least this many blocks, so that no actor sits idle for long at the end.
+MIN_BLOCKS_PER_ACTOR = 8
 
 
 def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
@@ -104,6 +106,21 @@ def _whole_photos(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield carry
 
 
+def block_rows(images: int, batch_size: int, actors: int) -> int:
+    """Rows in each block (one predictor call): ``batch_size``, or fewer so that each actor gets at
+    least ``MIN_BLOCKS_PER_ACTOR`` blocks.
+
+    Ray Data hands whole blocks to actors, so the last block leaves the others idle while it runs;
+    with few blocks per actor that tail is a large share of the job. Measured (ResNet50, 2 CPUs):
+    400 images in one block kept one of the two actors idle for the whole run: 2.3 images/s, against
+    3.6 in 16 blocks of 25.
+
+    >>> block_rows(5000, 64, 2), block_rows(400, 64, 2), block_rows(10, 64, 4)
+    (64, 25, 1)
+    """
+    return max(1, min(batch_size, -(-images // (actors * MIN_BLOCKS_PER_ACTOR))))
+
+
 def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
           detect_faces: bool = False) -> dict:
@@ -129,13 +146,14 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
         actors = options["compute"].min_size
         # blocks cut here, in the driver, rather than by a repartition: a shuffle task lost with a node
         # could not be retried while the surviving predictor actors held every CPU (seen: a deadlock)
-        blocks = np.array_split(np.array(todo, dtype=object), max(1, len(todo) // (batch_size * 4)))
+        rows = block_rows(len(todo), batch_size, actors)
+        blocks = np.array_split(np.array(todo, dtype=object), -(-len(todo) // rows))
         ds = ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks])
         scored = ds.map_batches(
             BatchPredictor,
             fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                                    "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces},
-            batch_size=batch_size, batch_format="numpy", **options,
+            batch_size=rows, batch_format="numpy", **options,
         )
         batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
         for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
@@ -167,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True, help="folder, manifest .csv/.parquet with path, or URI")
     p.add_argument("--out", required=True, help="output Parquet folder (local or URI)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per predictor call; fewer on small inputs, so that every actor gets 8 calls or more")
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--detect-faces", action="store_true",

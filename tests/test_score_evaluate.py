@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ray_jobs.evaluate import evaluate
-from ray_jobs.score import score
+from ray_jobs.score import MIN_BLOCKS_PER_ACTOR, block_rows, score
 from tests.conftest import jpeg_bytes, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -62,6 +62,14 @@ def test_score_gives_one_row_per_image_with_errors(checkpoint, mixed_folder, tmp
         assert np.isnan(by_name.loc[name, "predicted_age"]) and by_name.loc[name, "error"].startswith(reason)
     good = rows[~rows["path"].str.rsplit("/", n=1).str[1].isin(bad)]
     assert good["predicted_age"].notna().all() and (good["error"] == "").all()
+
+
+@pytest.mark.parametrize("images,batch_size,actors", [(400, 64, 2), (5000, 64, 2), (10, 64, 4), (100_000, 256, 16)])
+def test_score_blocks_are_small_enough_to_keep_every_actor_busy(images, batch_size, actors):
+    # Ray Data gives whole blocks to actors: one block of 400 ResNet50 images left one of two actors idle
+    rows = block_rows(images, batch_size, actors)
+    assert 1 <= rows <= batch_size
+    assert -(-images // rows) >= min(images, actors * MIN_BLOCKS_PER_ACTOR)
 
 
 def test_interrupted_score_run_is_completed_without_duplicates(checkpoint, mixed_folder, tmp_path, ray_local):
