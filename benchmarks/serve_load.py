@@ -84,6 +84,15 @@ def single_image_times(predictor: Predictor, bodies: list[bytes], seconds: float
     return arrays, {"single_ms": statistics.median(times) * 1000, "preprocess_ms": preprocess_ms}
 
 
+def face_bodies(folder: str, count: int) -> list[bytes]:
+    """The bytes of ``count`` images spread evenly over ``folder``: what the clients post, in turn."""
+    paths = list_images(folder)
+    if not paths:
+        raise SystemExit(f"no images under {folder}")
+    paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).astype(int)]
+    return [Path(x).read_bytes() for x in paths]
+
+
 # -- the load ----------------------------------------------------------------------------------------
 
 
@@ -215,11 +224,7 @@ def main() -> None:
     # other core keeps the proxy, Ray and the client off the replica's threads.
     threads = args.threads or replica_threads(args.config)
 
-    paths = list_images(args.images)
-    if not paths:
-        raise SystemExit(f"no images under {args.images}")
-    paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(args.num_images, len(paths))).astype(int)]
-    bodies = [Path(x).read_bytes() for x in paths]
+    bodies = face_bodies(args.images, args.num_images)
 
     predictor = Predictor(args.checkpoint, threads=threads)
     arrays, single = single_image_times(predictor, bodies, args.ceiling_seconds)

@@ -20,13 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from ray import serve
-from serve_load import closed_loop  # benchmarks/serve_load.py, beside this file
+from serve_load import closed_loop, face_bodies  # benchmarks/serve_load.py, beside this file
 
-from agecore.datasets import list_images
 from agecore.images import load_image
 
 app = FastAPI()
@@ -93,11 +91,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--phase-seconds", type=float, default=15.0)
     args = p.parse_args()
-    paths = list_images(args.images)
-    if not paths:
-        raise SystemExit(f"no images under {args.images}")
-    paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(args.num_images, len(paths))).astype(int)]
-    bodies = [Path(x).read_bytes() for x in paths]
+    bodies = face_bodies(args.images, args.num_images)
 
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -12,6 +12,7 @@ from PIL import Image
 
 from agecore.config import ModelConfig, TrainConfig
 from agecore.predictor import Predictor
+from agecore.training import EarlyStopping
 from ray_jobs.train import train
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,10 @@ def test_partial_run_predicts_then_resumes_and_stops_early(prepared_small, tmp_p
     # MAE by min_delta, so epoch 2 does not improve and the run stops there, not at epoch 5. The count of
     # epochs without improvement carries over from the first run, whose epoch 1 may or may not have improved
     # (by that run's min_delta): patience is set one above that count, so epoch 2 is the last either way.
-    carried = int(not first["val_mae"][1] < first["val_mae"][0] - TrainConfig().min_delta)
+    first_stopper = EarlyStopping(patience=TrainConfig().patience, min_delta=TrainConfig().min_delta)
+    for val_mae in first["val_mae"]:
+        first_stopper.update(val_mae)
+    carried = first_stopper.bad_epochs
     cfg = TrainConfig(epochs=6, batch_size=32, workers=2, lr=1e-9, warmup_epochs=0.2, mode="partial",
                       patience=1 + carried, min_delta=0.5)
     train(str(prepared_small), str(tmp_path), TINY, cfg, cpus_per_worker=0.5, resume=True, attach=False)
