@@ -22,7 +22,7 @@ from torch import nn
 
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.images import normalize
-from agecore.model import create_model, split_model
+from agecore.model import create_model, freeze_graph, split_model
 
 
 def seed_everything(seed: int) -> None:
@@ -202,11 +202,7 @@ class FeatureExtractor:
         model.eval()
         lower = split_model(model, cut_stage)[0].eval().to(self.device, memory_format=torch.channels_last)
         if self.device.type == "cpu":
-            # A frozen TorchScript graph (folded batch norm, fused ops) runs this part about 2.3x faster
-            # than eager on CPUs (measured on EfficientNet-Lite0: 59 against 25 images/s on 2 cores).
-            example = torch.zeros(2, 3, prep.input_size, prep.input_size).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                lower = torch.jit.freeze(torch.jit.trace(lower, example))
+            lower = freeze_graph(lower, prep.input_size)
         self.lower = lower
         self.prep = prep
 

@@ -1,6 +1,7 @@
 """What Ray Serve's HTTP path costs on this machine without the model: latency and CPU per request.
 
     python benchmarks/serve_overhead.py [--images ../shared/data/faces/final_files]
+    python benchmarks/serve_overhead.py --checkpoint runs/train/best --replicas 2   # the real service
 
 Deploys a model-free stand-in of the AgeService ingress (FastAPI on Serve, one replica of one CPU; it
 reads the posted image, decodes and resizes it with ``agecore.images.load_image`` and answers a fixed
@@ -8,6 +9,9 @@ age), drives it with ``serve_load.py``'s closed-loop clients on 127.0.0.1 and re
 the CPU seconds each kind of process used. The figures bound the real service on the same machine:
 its peak is at most CPUs / (model CPU-s per image + the path's CPU-s per request), and its latency at
 one client at least the forward pass plus the path's p50 here.
+
+With ``--checkpoint`` the same measurement runs against the real service (``ray_jobs.serve``, with
+``--replicas`` fixed replicas), to show where its CPU goes.
 """
 
 # No `from __future__ import annotations`: Serve's class-based ingress does not resolve string
@@ -26,6 +30,7 @@ from ray import serve
 from serve_load import closed_loop, face_bodies  # benchmarks/serve_load.py, beside this file
 
 from agecore.images import load_image
+from ray_jobs.serve import age_app
 
 app = FastAPI()
 
@@ -90,14 +95,21 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8013)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--phase-seconds", type=float, default=15.0)
+    p.add_argument("--checkpoint", default=None, help="measure the real service with this checkpoint instead")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the real service (with --checkpoint)")
     args = p.parse_args()
     bodies = face_bodies(args.images, args.num_images)
 
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(NoModel.bind(), name="no-model", route_prefix="/")
-    print(f"\nServe's HTTP path without the model, {os.cpu_count()} CPUs shared with the load generator; "
-          "CPU ms per answered request by process:\n")
+    if args.checkpoint:
+        app = age_app({"checkpoint": args.checkpoint}, {"num_replicas": args.replicas, "autoscaling_config": None})
+        serve.run(app, name="age", route_prefix="/")
+        what = f"The service with {args.checkpoint}, {args.replicas} replica(s)"
+    else:
+        serve.run(NoModel.bind(), name="no-model", route_prefix="/")
+        what = "Serve's HTTP path without the model"
+    print(f"\n{what}, {os.cpu_count()} CPUs shared with the load generator; CPU ms per answered request by process:\n")
     try:
         asyncio.run(measure(f"http://127.0.0.1:{args.port}/v1/age", bodies, args.concurrency, args.phase_seconds))
     finally:

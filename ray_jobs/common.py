@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -15,6 +16,12 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="inference precision (default: bf16 where the device runs it natively: GPUs, CPUs "
+                             "with AVX512-BF16 or AMX; fp32 elsewhere)")
 
 
 def init_ray(address: str | None = None) -> None:

@@ -23,17 +23,17 @@ from agecore.datasets import read_records, validate_labels
 from agecore.evaluate import attach_calibration, build_report, calibration
 from agecore.predictor import BatchPredictor
 from agecore.prepare import split_dir
-from ray_jobs.common import init_ray, model_actor_options, read_parquet, setup_logging
+from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, read_parquet, setup_logging
 
 log = logging.getLogger("ray_jobs.evaluate")
 
 
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64) -> pd.DataFrame:
+                  batch_size: int = 64, precision: str | None = None) -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known)."""
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                      "device": "cuda" if gpu else "cpu"}
+                      "device": "cuda" if gpu else "cpu", "precision": precision}
     if storage.exists(storage.join(data, "prepare.json")):
         ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
@@ -53,10 +53,10 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
 
 
 def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str = "val", attach: bool = False,
-             gpu: bool = False, address: str | None = None) -> dict:
+             gpu: bool = False, address: str | None = None, precision: str | None = None) -> dict:
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
     init_ray(address)
-    table = predict_table(checkpoint, data, fmt, split, gpu)
+    table = predict_table(checkpoint, data, fmt, split, gpu, precision=precision)
     with storage.output_dir(out) as local:
         table.to_parquet(local / "predictions.parquet", index=False)
         report = build_report(table, local, meta)
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
     p.add_argument("--attach", action="store_true", help="store error quantiles beside the checkpoint")
     p.add_argument("--gpu", action="store_true")
+    add_precision_argument(p)
     p.add_argument("--address", default=None)
     return p
 
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
-    return evaluate(args.checkpoint, args.data, args.out, args.format, args.split, args.attach, args.gpu, args.address)
+    return evaluate(args.checkpoint, args.data, args.out, args.format, args.split, args.attach, args.gpu, args.address,
+                    args.precision)
 
 
 if __name__ == "__main__":

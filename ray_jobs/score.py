@@ -38,7 +38,7 @@ from agecore.checkpoint import read_meta
 from agecore.datasets import list_images
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
-from ray_jobs.common import init_ray, model_actor_options, setup_logging
+from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
 
 log = logging.getLogger("ray_jobs.score")
 
@@ -121,9 +121,20 @@ def block_rows(images: int, batch_size: int, actors: int) -> int:
     return max(1, min(batch_size, -(-images // (actors * MIN_BLOCKS_PER_ACTOR))))
 
 
+def path_blocks(paths: list[str], batch_size: int, actors: int) -> tuple[ray.data.Dataset, int]:
+    """The paths as a data set of blocks of ``block_rows`` rows each, and that row count.
+
+    Cut here, in the driver, rather than by a repartition: a shuffle task lost with a node could not
+    be retried while the surviving predictor actors held every CPU (seen: a deadlock).
+    """
+    rows = block_rows(len(paths), batch_size, actors)
+    blocks = np.array_split(np.array(paths, dtype=object), -(-len(paths) // rows))
+    return ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks]), rows
+
+
 def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
-          detect_faces: bool = False) -> dict:
+          detect_faces: bool = False, precision: str | None = None) -> dict:
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
     if detect_faces:
         require_mtcnn()  # and so does a missing face detector
@@ -144,15 +155,12 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurren
         # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
         options, threads = model_actor_options(gpu, concurrency, cpus_per_actor=1)
         actors = options["compute"].min_size
-        # blocks cut here, in the driver, rather than by a repartition: a shuffle task lost with a node
-        # could not be retried while the surviving predictor actors held every CPU (seen: a deadlock)
-        rows = block_rows(len(todo), batch_size, actors)
-        blocks = np.array_split(np.array(todo, dtype=object), -(-len(todo) // rows))
-        ds = ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks])
+        ds, rows = path_blocks(todo, batch_size, actors)
         scored = ds.map_batches(
             BatchPredictor,
             fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                                   "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces},
+                                   "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces,
+                                   "precision": precision},
             batch_size=rows, batch_format="numpy", **options,
         )
         batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per predictor call; fewer on small inputs, so that every actor gets 8 calls or more")
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true")
+    add_precision_argument(p)
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: find the faces (MTCNN) and write one row per face")
     p.add_argument("--address", default=None)
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return score(args.checkpoint, args.input, args.out, args.batch_size, args.concurrency, args.gpu,
-                 address=args.address, detect_faces=args.detect_faces)
+                 address=args.address, detect_faces=args.detect_faces, precision=args.precision)
 
 
 if __name__ == "__main__":

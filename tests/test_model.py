@@ -109,9 +109,35 @@ def test_predictor_chunk_is_timed_on_cpu_and_does_not_change_predictions(tmp_pat
 
     ckpt = tiny_checkpoint(tmp_path / "ck")
     images = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
-    timed = Predictor(ckpt, "cpu")
+    timed = Predictor(ckpt, "cpu", precision="fp32")
     assert timed.batch_size in CPU_CHUNK_CANDIDATES and timed.identity["batch_size"] == timed.batch_size
-    one_by_one = Predictor(ckpt, "cpu", batch_size=1)
+    one_by_one = Predictor(ckpt, "cpu", batch_size=1, precision="fp32")
     np.testing.assert_allclose(timed.predict_arrays(images), one_by_one.predict_arrays(images), atol=1e-4)
     with pytest.raises(ValueError, match="batch_size"):
         Predictor(ckpt, "cpu", batch_size=0)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_predictor_runs_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+    import numpy as np
+
+    from agecore.predictor import Predictor
+    from tests.conftest import tiny_checkpoint
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    ckpt = tiny_checkpoint(tmp_path / "ck")
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    default = Predictor(ckpt, "cpu", batch_size=4)
+    assert default.precision == default.identity["precision"] == ("bf16" if native else "fp32")
+    fp32 = Predictor(ckpt, "cpu", batch_size=4, precision="fp32").predict_arrays(images)
+    bf16 = Predictor(ckpt, "cpu", batch_size=4, precision="bf16").predict_arrays(images)
+    eager = Predictor(ckpt, "cpu", batch_size=4, precision="bf16", freeze=False).predict_arrays(images)
+    assert not np.array_equal(bf16, fp32)  # the frozen graph kept the bf16 casts: it does compute in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0.02)
+    np.testing.assert_allclose(bf16, eager, atol=1e-4)  # and the same casts as eager autocast
+    # the head runs in fp32 in both: ages are not rounded to bf16's 8 significant bits
+    assert not np.array_equal(bf16, torch.from_numpy(bf16).bfloat16().float().numpy())
+    np.testing.assert_array_equal(default.predict_arrays(images), bf16 if native else fp32)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        Predictor(ckpt, "cpu", precision="fp16")

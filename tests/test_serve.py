@@ -73,6 +73,54 @@ def test_routes_answer(service):
     assert requests.get(f"{service}/openapi.json", timeout=30).json()["paths"]["/v1/verify"]
 
 
+def test_requests_that_arrive_during_a_forward_pass_share_the_next_one(service):
+    import asyncio
+
+    from ray import serve
+
+    from ray_jobs.serve import SharedForward
+
+    class SlowModel:
+        """A stand-in predictor whose forward pass takes 0.3 s and records its batch sizes."""
+
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+            self.batches.append(len(images))
+            time.sleep(0.3)
+            return np.full(len(images), 30.0, np.float32)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})  # beside the service's replica on a small machine
+    class Batching:
+        def __init__(self) -> None:
+            self.model = SlowModel()
+            self.forward = SharedForward(self.model)
+
+        async def __call__(self, delay: float) -> float:
+            await asyncio.sleep(delay)
+            return await self.forward(np.zeros((8, 8, 3), np.uint8))
+
+        def batches(self) -> list[int]:
+            return self.model.batches
+
+    handle = serve.run(Batching.bind(), name="batching", route_prefix=None)
+    try:
+        assert handle.remote(0).result() == 30.0  # alone: straight to the model
+        # one request starts a pass, four more arrive one by one while it runs
+        assert [r.result() for r in [handle.remote(0.04 * i) for i in range(5)]] == [30.0] * 5
+        assert handle.batches.remote().result() == [1, 1, 4]  # with no wait Serve made [1, 1, 1, 1, 1, 1]
+    finally:
+        serve.delete("batching")
+
+
+def test_config_precision_is_checked_before_any_replica_starts(serve_checkpoint):
+    from ray_jobs.serve import age_app
+
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        age_app({"checkpoint": str(serve_checkpoint), "precision": "fp16"})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "error"),
     [
