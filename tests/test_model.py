@@ -116,6 +116,13 @@ def test_predictor_chunk_is_timed_on_cpu_and_does_not_change_predictions(tmp_pat
     with pytest.raises(ValueError, match="batch_size"):
         Predictor(ckpt, "cpu", batch_size=0)
 
+    chunks = []
+    network = one_by_one._network
+    one_by_one._network = lambda x: chunks.append(len(x)) or network(x)
+    one_by_one.batch_size = 4
+    assert len(one_by_one.predict_arrays(images[:5])) == 5 and len(one_by_one.predict_arrays(images[:0])) == 0
+    assert chunks == [3, 3, 2, 2]  # even chunks (each twice: flip TTA), not 4 + 1
+
 
 @pytest.mark.parametrize("native", [False, True])
 def test_predictor_runs_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
