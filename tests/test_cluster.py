@@ -157,10 +157,11 @@ def cluster():
 
 
 def _alive_nodes(cluster: Cluster) -> int:
-    code = "import ray; ray.init(log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    code = "import ray; ray.init(log_to_driver=False); print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))"
     out = subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": cluster.address},
                          capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1])
+    # ray.init may print warnings of its own (seen: a dying node's "lagging heartbeats") on stdout too
+    return int(next(line for line in out.stdout.splitlines() if line.startswith("alive nodes:")).split(":")[1])
 
 
 @pytest.mark.slow
