@@ -33,8 +33,8 @@ import pandas as pd
 from agecore.datasets import list_images
 from agecore.images import decode, read_bytes, resize_square
 from agecore.predictor import Predictor
-from ray_jobs.common import init_ray, model_actor_options, setup_logging
-from ray_jobs.score import path_blocks, score
+from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
+from ray_jobs.score import DEFAULT_BATCH_SIZE, path_blocks, score
 
 
 def _timed_forward(checkpoint: str, arrays_file: str, threads: int, precision: str | None, barrier, results) -> None:
@@ -92,7 +92,7 @@ def fixed_cost(paths: list[str], concurrency: int | None) -> float:
     """Seconds of the scoring job's Ray Data plan over ``paths`` with idle actors."""
     options, _ = model_actor_options(False, concurrency, cpus_per_actor=1)
     start = time.perf_counter()
-    ds, rows = path_blocks(paths, 64, options["compute"].min_size)
+    ds, rows = path_blocks(paths, DEFAULT_BATCH_SIZE, options["compute"].min_size)
     for _ in ds.map_batches(_IdleActor, batch_size=rows, batch_format="numpy", **options).iter_batches(batch_size=5000):
         pass
     return time.perf_counter() - start
@@ -106,8 +106,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors of the job (default: the job's)")
     p.add_argument("--naive-limit", type=int, default=300, help="the naive loop is slow: time it on fewer images")
     p.add_argument("--ceiling-images", type=int, default=1024, help="decoded faces each ceiling process runs through")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="of the job, the ceiling and the frozen loop (default: the predictor's, bf16 where native)")
+    add_precision_argument(p)  # of the job, the ceiling and the frozen loop
     args = p.parse_args()
     setup_logging()
     paths = list_images(args.images)[: args.limit]

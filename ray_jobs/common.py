@@ -9,6 +9,8 @@ import os
 import ray
 import ray.data
 
+from agecore.predictor import PRECISIONS
+
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -19,7 +21,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="inference precision (default: bf16 where the device runs it natively: GPUs, CPUs "
                              "with AVX512-BF16 or AMX; fp32 elsewhere)")
 

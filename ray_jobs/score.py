@@ -45,6 +45,7 @@ log = logging.getLogger("ray_jobs.score")
 SCHEMA = pa.schema([("path", pa.string()), ("predicted_age", pa.float32()), ("error", pa.string())])
 FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", pa.list_(pa.float32())),
                           ("face_score", pa.float32()), ("predicted_age", pa.float32()), ("error", pa.string())])
+DEFAULT_BATCH_SIZE = 64  # paths per predictor call
 # Each predictor actor gets at least this many blocks, so that no actor sits idle for long at the end.
 MIN_BLOCKS_PER_ACTOR = 8
 
@@ -132,7 +133,7 @@ def path_blocks(paths: list[str], batch_size: int, actors: int) -> tuple[ray.dat
     return ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks]), rows
 
 
-def score(checkpoint: str, input: str, out: str, batch_size: int = 64, concurrency: int | None = None,
+def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
           detect_faces: bool = False, precision: str | None = None) -> dict:
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True, help="folder, manifest .csv/.parquet with path, or URI")
     p.add_argument("--out", required=True, help="output Parquet folder (local or URI)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per predictor call; fewer on small inputs, so that every actor gets 8 calls or more")
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true")

@@ -30,7 +30,7 @@ from agecore.checkpoint import CALIBRATION
 from agecore.datasets import AGE_BAND_LABELS, age_band
 from agecore.faces import Face
 from agecore.images import ImageError
-from agecore.predictor import Predictor
+from agecore.predictor import PRECISIONS, Predictor
 
 log = logging.getLogger("ray.serve")
 
@@ -257,7 +257,7 @@ def age_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serv
     checkpoint = storage.absolute(args["checkpoint"])
     if not (Path(checkpoint) / "checkpoint.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not an agecore checkpoint (no checkpoint.json)")
-    if args.get("precision") not in (None, "fp32", "bf16"):
+    if args.get("precision") not in (None, *PRECISIONS):
         raise ValueError(f"serve_config.yaml: precision must be fp32 or bf16 (or left out), got {args['precision']!r}")
     deployment = AgeService.options(**options) if options else AgeService
     return deployment.bind(checkpoint, float(args.get("max_body_mb", DEFAULT_MAX_BODY_MB)), args.get("threads"),
