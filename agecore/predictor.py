@@ -1,9 +1,16 @@
-"""Checkpoint -> batched age predictions. The one inference path of evaluation, bulk scoring and serving.
+"""Checkpoint -> age predictions: the one inference path of evaluation, bulk scoring and serving.
 
-    >>> predictor = Predictor("runs/train/best")  # doctest: +SKIP
-    >>> predictor.predict([Image.open("face.jpg")])  # doctest: +SKIP
-    array([31.4], dtype=float32)
-    >>> predictor.predict_faces(Image.open("group.jpg"))  # uncropped photos  # doctest: +SKIP
+``predict`` takes one image or a list of them: a path or URI, encoded bytes, a PIL image or an
+HxWx3 ``uint8`` array; it returns one age (a ``float``) for one image, an array for a list.
+``predict_faces`` finds the faces of an uncropped photo first.
+
+    >>> from agecore import Predictor
+    >>> predictor = Predictor("runs/faces/train/best")  # doctest: +SKIP
+    >>> predictor.predict("face.jpg")  # doctest: +SKIP
+    31.4
+    >>> predictor.predict(["face.jpg", Image.open("other.png")])  # doctest: +SKIP
+    array([31.4, 52.0], dtype=float32)
+    >>> predictor.predict_faces("group.jpg")  # doctest: +SKIP
     [{'box': [48.1, 60.2, 208.9, 266.0], 'face_score': 0.9995, 'age': 27.3}, ...]
 """
 
@@ -14,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
@@ -23,23 +30,28 @@ from PIL import Image
 
 from agecore.checkpoint import load_checkpoint, preprocessing
 from agecore.config import FaceDetection
-from agecore.faces import Face, FaceDetector
+from agecore.faces import UTKFACE_TEMPLATE, Face, FaceDetector, align
 from agecore.images import ImageError, decode, normalize, read_bytes, resize_square, to_rgb
 from agecore.model import freeze_graph, native_bf16
 
-ImageLike = Image.Image | np.ndarray | bytes
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 log = logging.getLogger(__name__)
 
 # How many images go through the network at once when the caller does not say. On CPUs the best
-# size depends on the network, so the predictor times these at load (like cudnn.benchmark does for
-# convolution algorithms). Measured here, 2 single-thread processes at once, frozen graph:
-# EfficientNet-Lite0 35.6-36.7 images/s in chunks of 4 against 24.5-28.8 in chunks of 16 (its
-# depthwise layers are memory-bound: small chunks stay in cache); ResNet50 6.2-6.3 against 6.6-6.9.
+# size depends on the network (depthwise layers are memory-bound and like small chunks that stay in
+# cache; ResNet50 likes larger ones), so the predictor times these at load, as cudnn.benchmark
+# does for convolution algorithms. GPUs want large batches.
 CPU_CHUNK_CANDIDATES = (4, 16)
-# GPUs want large batches: ResNet50 bf16 on an H200 ran 6,388 images/s at 256 against 3,587 at 64.
 GPU_CHUNK = 256
 PRECISIONS = ("fp32", "bf16")
+
+
+def _is_single(images: object) -> bool:
+    """One image, as opposed to a list, tuple or NxHxWx3 array of them."""
+    if isinstance(images, np.ndarray):
+        return images.ndim == 3
+    return not isinstance(images, (list, tuple))
 
 
 class Predictor:
@@ -47,7 +59,7 @@ class Predictor:
 
     ``tta_flip`` averages the prediction of the image and its mirror image (the checkpoint's
     training setting by default). On CPU the network is frozen to TorchScript (``freeze_graph``),
-    about twice as fast as eager here. ``precision="bf16"`` autocasts, and is the default where
+    which runs faster than eager (docs/benchmarks.md). ``precision="bf16"`` autocasts, and is the default where
     the device runs bf16 natively (``native_bf16``); ``"fp32"`` turns it off.
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     ``batch_size`` is how many images one forward pass takes; by default the faster of
@@ -138,7 +150,10 @@ class Predictor:
 
     @staticmethod
     def photo(image: ImageLike) -> Image.Image:
-        """Bytes (validated, EXIF orientation applied), a PIL image or an HWC uint8 array -> RGB image."""
+        """A path or URI, encoded bytes (validated, EXIF orientation applied), a PIL image or an HWC
+        uint8 array -> RGB image."""
+        if isinstance(image, (str, Path)):
+            return decode(read_bytes(str(image)))
         if isinstance(image, bytes):
             return decode(image)
         if isinstance(image, np.ndarray):
@@ -147,7 +162,7 @@ class Predictor:
             return Image.fromarray(image)
         if isinstance(image, Image.Image):
             return to_rgb(image)
-        raise TypeError(f"cannot predict on {type(image).__name__}")
+        raise TypeError(f"cannot predict on {type(image).__name__}: give a path, bytes, a PIL image or an array")
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """Bytes, a PIL image or an HWC uint8 array -> the model's square uint8 input."""
@@ -168,22 +183,26 @@ class Predictor:
         return self._face_detector
 
     def face_crops(self, image: ImageLike) -> tuple[list[Face], np.ndarray]:
-        """The faces of a photo (left to right) and their crops as model input, ``(faces, N x S x S x 3)``.
+        """The faces of a photo (left to right) and their aligned crops as model input, ``(faces, N x S x S x 3)``.
 
-        Each crop is framed like a training chip (see ``agecore.faces``) and then resized by the
-        same ``resize_square`` as every other input.
+        Each face is warped by its five landmarks onto the training crops' landmark layout (the
+        checkpoint's ``face_template``, else ``UTKFACE_TEMPLATE``) straight at the input size: the
+        crops then go through the same ``normalize`` as every other input.
         """
         photo = self.photo(image)
-        detector = self.face_detector
-        faces = detector.detect(photo)
-        size, interp = self.prep.input_size, self.prep.interpolation
-        crops = [resize_square(detector.crop(photo, face), size, interp) for face in faces]
+        faces = self.face_detector.detect(photo)
+        size = self.prep.input_size
+        template = self.prep.face_template or UTKFACE_TEMPLATE
+        crops = [align(photo, face.landmarks, template, size, self.prep.interpolation) for face in faces]
         return faces, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
     def no_face_message(self, image: Image.Image | None = None) -> str:
+        """Why a photo gave no face: the score and size rules it was held to."""
         cfg = self.face_config
+        smallest = f"{self.face_detector.min_face(image.size):.0f} px" if image is not None else (
+            f"{cfg.min_size} px or {cfg.min_fraction:.0%} of the photo's shorter side")
         where = f" in the {image.size[0]}x{image.size[1]} photo" if image is not None else ""
-        return f"no face with score >= {cfg.min_score} and size >= {cfg.min_size} px found{where}"
+        return f"no face with score >= {cfg.min_score} and size >= {smallest} found{where}"
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -211,14 +230,26 @@ class Predictor:
             out.append(pred.cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
-    def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Ages for a list of images; raises ``ImageError`` naming the first bad one."""
+    @overload
+    def predict(self, images: ImageLike) -> float: ...
+    @overload
+    def predict(self, images: Sequence[ImageLike]) -> np.ndarray: ...
+
+    def predict(self, images: ImageLike | Sequence[ImageLike]) -> float | np.ndarray:
+        """The age of one image (a float), or the ages of a list of images (float32 array).
+
+        Raises ``ImageError`` naming the first unusable image; ``predict_paths`` instead reports
+        each bad file and goes on.
+        """
+        if _is_single(images):
+            return float(self.predict([images])[0])
         arrays = []
         for i, img in enumerate(images):
             try:
                 arrays.append(self.preprocess(img))
             except ImageError as e:
-                raise ImageError(e.reason, f"image {i}: {e.detail}") from e
+                name = img if isinstance(img, (str, Path)) else f"image {i}"
+                raise ImageError(e.reason, f"{name}: {e.detail}") from e
         return self.predict_arrays(np.stack(arrays)) if arrays else np.zeros(0, np.float32)
 
     def predict_faces(self, image: ImageLike) -> list[dict[str, Any]]:
@@ -238,8 +269,7 @@ class Predictor:
         arrays, ok = [], []
         for i, path in enumerate(paths):
             try:
-                img = decode(read_bytes(str(path)))
-                arrays.append(resize_square(img, self.prep.input_size, self.prep.interpolation))
+                arrays.append(self.preprocess(str(path)))
                 ok.append(i)
             except ImageError as e:
                 errors[i] = f"{e.reason}: {e.detail}"

@@ -14,12 +14,16 @@ folder first.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
+
+from agecore.errors import InvalidInput, MissingInput
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -53,6 +57,20 @@ def read_text(path: str | os.PathLike) -> str:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:
         return f.read().decode()
+
+
+def read_json(path: str | os.PathLike, label: str | None = None) -> dict[str, Any]:
+    """A JSON object from a path or URI; ``label`` names the file in the error (default: the path)."""
+    label = label or str(path)
+    if not exists(path):
+        raise MissingInput(f"{label}: no such file")
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{label}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{label}: holds {type(data).__name__}, not a JSON object")
+    return data
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -97,7 +115,7 @@ def local_dir(path: str | os.PathLike) -> Iterator[Path]:
         return
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
-        raise FileNotFoundError(f"{path}: no such folder")
+        raise MissingInput(f"{path}: no such folder")
     with tempfile.TemporaryDirectory(prefix="agecore-in-") as tmp:
         pyarrow.fs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield Path(tmp)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,7 +227,7 @@ def batch_inputs(
 ) -> list[torch.Tensor]:
     """The model inputs of a batch: one view for training, one or two (TTA) for validation."""
     if mode == "finetune":
-        # augment where the model runs: on a GPU the per-image crops would otherwise hold back the step
+        # augment where the model runs: on a GPU, augmenting on the host would hold back the step
         images = batch["image"].to(device, non_blocking=True)
         if train:
             images = augment(images, cfg, generator)
@@ -267,12 +267,18 @@ def train_epoch(
     inputs: Any,
     device: torch.device,
     amp: bool = False,
+    on_progress: Callable[[int, float], None] | None = None,
+    progress_every: int = 10,
 ) -> EpochResult:
-    """One pass of training; ``inputs(batch)`` gives the model input (see ``batch_inputs``)."""
+    """One pass of training; ``inputs(batch)`` gives the model input (see ``batch_inputs``).
+
+    ``on_progress(steps, running_mae)`` is called every ``progress_every`` steps: the one host sync
+    in the loop, and only when someone is watching.
+    """
     module.train()
     start, count = time.perf_counter(), 0
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # |error| and hits within 5 years, kept on
-    for batch in batches:                                      # the device: no host sync in the loop
+    for step, batch in enumerate(batches, 1):                  # the device: no host sync in the loop
         x = inputs(batch)[0]
         y = batch["age"].to(device).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -285,6 +291,8 @@ def train_epoch(
         err = (pred.detach() - y).abs()
         sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
         count += len(y)
+        if on_progress is not None and step % progress_every == 0:
+            on_progress(step, sums[0].item() / count)
     abs_sum, within5 = sums.tolist()
     return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(within5), time.perf_counter() - start)
 

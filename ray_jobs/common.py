@@ -5,19 +5,45 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ray
 import ray.data
 
 from agecore.predictor import PRECISIONS
 
+# Loggers of the libraries under the jobs: their notices and Python's warnings say little to a user,
+# so a quiet job sends them to its log file only.
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "py.warnings", "torch", "timm",
+                   "urllib3", "filelock", "fsspec", "huggingface_hub")
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+
+def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
+    """The jobs' own messages on the terminal; with ``log_file``, everything at DEBUG in that file too.
+
+    A job with a log file is quiet: Ray's own loggers and Python's warnings go to the file alone,
+    unless ``verbose``.
+    """
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [console]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if log_file is None:
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file)
+    to_file.setLevel(logging.DEBUG)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_file)
+    root.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [to_file, console] if verbose else [to_file]
+        library.propagate = False
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -26,34 +52,42 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "with AVX512-BF16 or AMX; fp32 elsewhere)")
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` or ``RAY_ADDRESS``; with neither, start a local Ray on this machine.
+def init_ray(address: str | None = None, *, quiet: bool = False, metrics_port: int | None = None) -> None:
+    """Connect to ``address`` or ``RAY_ADDRESS``; with neither, start a local Ray on this host.
 
     A local Ray keeps its dashboard on 127.0.0.1: nothing is exposed beyond this host. The dashboard
     is not optional: it serves the State API, through which Ray Train releases the CPUs of a run
     whose controller was killed (every Tune trial that ASHA stops). Without it those placement
     groups leak and, on a small machine, the next trial waits for CPUs forever.
+
+    ``quiet`` keeps the output of Ray's workers and Ray Data's progress tables off the terminal
+    (they stay in Ray's session logs, whose folder is logged); the jobs draw their own progress.
+    ``metrics_port`` is where a local Ray serves Prometheus metrics (default: a free port).
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet)
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=True)
-    logging.getLogger(__name__).info("Ray resources: %s", ray.cluster_resources())
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=not quiet,
+                 _metrics_export_port=metrics_port)
+    if quiet:  # one bar per Ray Data pass, on a terminal only: piped into a file, bars are noise
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.enable_operator_progress_bars = False
+    log = logging.getLogger(__name__)
+    log.info("Ray resources: %s", ray.cluster_resources())
+    if quiet:
+        log.info("the output of Ray's workers is in Ray's session logs (a local Ray: /tmp/ray/session_latest/logs)")
 
 
 def read_parquet(path: str, *, num_cpus: float | None = None) -> ray.data.Dataset:
     """``ray.data.read_parquet`` through Ray Data's single-operator Parquet reader.
 
-    Ray 2.60 reads Parquet by default as a ListFiles task followed by ReadFiles tasks, and the
-    ListFiles task always asks for a whole CPU. Measured here (2 CPUs, two training workers holding
-    one): a pass over a 60-row split took 2.2-3.2 s that way against 0.3 s with the single reader,
-    and training runs such passes every epoch (the partial-mode training test went from 125-138 s
-    to 79-101 s). Worse, on nodes whose free CPU is under one, as when training workers hold
-    1.5 of a node's 2 CPUs, the listing task never starts and the run hangs. ``num_cpus`` sizes the
-    read tasks so that they fit beside such workers.
+    Ray's default reader starts with a ListFiles task that asks for a whole CPU: slow for the small
+    per-epoch passes of training, and never scheduled on a node whose training workers leave less
+    than one CPU free (the run hangs). ``num_cpus`` sizes the read tasks to fit beside such workers.
     """
     ctx = ray.data.DataContext.get_current()
     previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
@@ -69,9 +103,8 @@ def model_actor_options(gpu: bool = False, actors: int | None = None, cpus_per_a
     On CPUs each actor asks Ray for one CPU but runs ``cpus_per_actor`` threads, so that on a small
     machine CPUs are left for Ray Data's read and write tasks (a pool that takes every CPU starves
     them and the pipeline stalls). A pipeline without such tasks (scoring: paths in, rows back to the
-    driver) takes one single-thread actor per CPU (``cpus_per_actor=1``), the faster layout on CPUs:
-    25.2 against 22.0 images/s for two processes of one thread against one of two here
-    (benchmarks/score.py). On GPUs, one actor per GPU.
+    driver) takes one single-thread actor per CPU (``cpus_per_actor=1``), the faster layout on CPUs
+    (docs/benchmarks.md, ``benchmarks/score.py``). On GPUs, one actor per GPU.
     """
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1), int(resources.get("GPU", 0))

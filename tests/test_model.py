@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from agecore.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from agecore.config import ModelConfig, Preprocessing
 from agecore.model import create_backbone, create_model, default_cut_stage, split_model, trainable_module
+from tests.conftest import tiny_checkpoint
 
 TINY = ModelConfig(backbone="test_resnet", pretrained="none", hidden=16, dropout=0.2)
 
@@ -105,7 +108,6 @@ def test_predictor_chunk_is_timed_on_cpu_and_does_not_change_predictions(tmp_pat
     import numpy as np
 
     from agecore.predictor import CPU_CHUNK_CANDIDATES, Predictor
-    from tests.conftest import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "ck")
     images = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
@@ -129,7 +131,6 @@ def test_predictor_runs_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, na
     import numpy as np
 
     from agecore.predictor import Predictor
-    from tests.conftest import tiny_checkpoint
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -148,3 +149,26 @@ def test_predictor_runs_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, na
     np.testing.assert_array_equal(default.predict_arrays(images), bf16 if native else fp32)
     with pytest.raises(ValueError, match="fp32 or bf16"):
         Predictor(ckpt, "cpu", precision="fp16")
+
+
+def test_predictor_takes_one_image_or_a_list_in_any_form(tmp_path):
+    from agecore import ImageError, Predictor
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    path = tmp_path / "face.png"
+    Image.fromarray(pixels).save(path)
+    predictor = Predictor(ckpt, "cpu", batch_size=4, precision="fp32")
+
+    one = predictor.predict(str(path))
+    assert isinstance(one, float)
+    forms = [path, path.read_bytes(), Image.open(path), pixels]
+    ages = predictor.predict(forms)
+    assert ages.shape == (4,) and ages.dtype == np.float32
+    np.testing.assert_allclose(ages, one, atol=1e-4)  # the same picture, however it is given
+    assert predictor.predict(np.stack([pixels, pixels])).shape == (2,)  # an N x H x W x 3 array is a list
+    with pytest.raises(ImageError, match=r"missing\.jpg"):
+        predictor.predict([path, tmp_path / "missing.jpg"])
+    with pytest.raises(TypeError, match="give a path"):
+        predictor.predict(3.5)
