@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from agecore import storage
 from agecore.config import MAX_AGE
+from agecore.errors import InvalidInput, MissingInput
 from agecore.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def read_labels_csv(root: str) -> pd.DataFrame:
     table = _read_table(f"{root.rstrip('/')}/labels.csv")
     missing = {"file_name", "real_age"} - set(table.columns)
     if missing:
-        raise ValueError(f"{root}/labels.csv lacks the column(s) {sorted(missing)}; it needs file_name,real_age")
+        raise InvalidInput(f"{root}/labels.csv lacks the column(s) {sorted(missing)}; it needs file_name,real_age")
     images = f"{root.rstrip('/')}/final_files"
     df = pd.DataFrame(
         {
@@ -132,7 +133,7 @@ def read_manifest(path: str) -> pd.DataFrame:
     table = _read_table(path)
     missing = {"path", "age"} - set(table.columns)
     if missing:
-        raise ValueError(f"manifest {path} lacks the column(s) {sorted(missing)}; it needs path,age")
+        raise InvalidInput(f"manifest {path} lacks the column(s) {sorted(missing)}; it needs path,age")
     root = path.rsplit("/", 1)[0] if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
     df = table.copy()
     df["path"] = [_join(root, str(p)) for p in table["path"]]
@@ -156,7 +157,7 @@ def detect_format(data: str) -> str:
         return "labels-csv"
     root = Path(data)
     if not root.exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
+        raise MissingInput(f"--data {data}: no such file or folder")
     if (root / "labels.csv").is_file():
         return "labels-csv"
     if root.is_dir():
@@ -165,7 +166,7 @@ def detect_format(data: str) -> str:
                 if parse_utkface_name(p.name) is not None:
                     return "utkface"
                 break
-    raise ValueError(
+    raise InvalidInput(
         f"cannot tell the format of {data}: expected labels.csv + final_files/, a folder of UTKFace-named "
         "images ([age]_[gender]_[race]_[date].jpg), or a manifest .csv/.parquet with path,age"
     )
@@ -177,7 +178,7 @@ def read_records(data: str, fmt: str = "auto") -> tuple[pd.DataFrame, str]:
     readers = {"labels-csv": read_labels_csv, "utkface": read_utkface, "manifest": read_manifest}
     df = readers[fmt](data)
     if df.empty:
-        raise ValueError(f"{data} ({fmt}) lists no images")
+        raise InvalidInput(f"{data} ({fmt}) lists no images")
     return df.reset_index(drop=True), fmt
 
 
@@ -255,7 +256,7 @@ def list_images(source: str) -> list[str]:
     if source.endswith((".csv", ".parquet")):
         table = _read_table(source)
         if "path" not in table:
-            raise ValueError(f"manifest {source} has no 'path' column")
+            raise InvalidInput(f"manifest {source} has no 'path' column")
         root = source.rsplit("/", 1)[0] if storage.is_remote(source) else os.path.dirname(os.path.abspath(source))
         return [_join(root, str(p)) for p in table["path"]]
     if storage.is_remote(source):
@@ -267,5 +268,5 @@ def list_images(source: str) -> list[str]:
     if root.is_file():
         return [os.path.abspath(root)]
     if not root.is_dir():
-        raise FileNotFoundError(f"--input {source}: no such file or folder")
+        raise MissingInput(f"--input {source}: no such file or folder")
     return sorted(os.path.abspath(p) for p in root.rglob("*") if p.is_file() and _has_image_suffix(p.name))

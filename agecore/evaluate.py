@@ -2,11 +2,16 @@
 
 A prediction table has ``path``, ``age`` (true), ``predicted_age`` and ``error`` ('' where the
 image was scored), plus ``gender``/``race`` where the data carry them.
+
+Every report carries the age-verification error rates of ``/v1/verify`` (``agecore.metrics``) and
+says which calibration drew them: one measured on a validation split, never on the test split it
+reports.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,7 @@ import pandas as pd
 
 from agecore import metrics, plots, storage
 from agecore.checkpoint import CALIBRATION
-from agecore.datasets import AGE_BAND_LABELS, age_band
+from agecore.datasets import AGE_BAND_LABELS
 from agecore.images import decode, read_bytes, resize_square
 
 GENDERS = {0: "male", 1: "female"}
@@ -38,7 +43,7 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     (2, 1.0, 2)
     """
     err = np.asarray(pred, float) - np.asarray(true, float)
-    bands = age_band(pred)
+    bands = metrics.estimate_band(pred)
     out: dict[str, Any] = {"quantiles": list(QUANTILES), "bands": {}, "overall": {}}
     for q in QUANTILES:
         out["overall"][f"q{q}"] = round(float(np.quantile(err, q)), 3)
@@ -50,10 +55,75 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str) -> str:
+def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str, *, data: str | None = None,
+                       split: str | None = None) -> str:
+    """Store ``cal`` as the checkpoint's calibration.json; ``data``/``split`` record what it was measured on."""
     path = storage.join(checkpoint, CALIBRATION)
-    storage.write_text(path, json.dumps({"source": source, **cal}, indent=2) + "\n")
+    provenance = {"source": source, **({"data": storage.absolute(data), "split": split} if data else {})}
+    storage.write_text(path, json.dumps({**provenance, **cal}, indent=2) + "\n")
     return path
+
+
+def read_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's calibration.json (what ``/v1/verify`` answers with), or None."""
+    path = storage.join(checkpoint, CALIBRATION)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def _scored(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["error"].fillna("") == ""]
+
+
+def _calibration_of(table: pd.DataFrame) -> dict[str, Any]:
+    scored = _scored(table)
+    return calibration(scored["age"].to_numpy(float), scored["predicted_age"].to_numpy(float))
+
+
+def choose_calibration(
+    checkpoint: str | Path,
+    data: str,
+    split: str | None,
+    table: pd.DataFrame,
+    validation: Callable[[], pd.DataFrame] | None,
+    attach: bool = False,
+) -> tuple[dict[str, Any] | None, str]:
+    """The calibration that a report on ``table`` (``split`` of ``data``) uses, and a sentence saying which.
+
+    ``split`` is None and ``validation`` None where ``data`` is not a prepared set; ``validation``
+    returns the predictions on its validation split and is called only when they are needed. With
+    ``attach`` the calibration is measured (on the validation split where there is one, else on
+    ``table`` itself) and stored beside the checkpoint. Without it, the stored one is used, as
+    ``/v1/verify`` would, unless it was measured on the test split being reported: then, or where
+    none is stored, one is measured on the validation split for this report only.
+    """
+    if attach:
+        cal = _measure_and_attach(checkpoint, data, table, validation)
+        note = f"measured on {cal['source']} and attached to the checkpoint ({CALIBRATION})"
+    elif (stored := read_calibration(checkpoint)) is not None and not (split == "test" and
+                                                                      _measured_on(stored, data, "test")):
+        cal, note = stored, f"the checkpoint's {CALIBRATION}, measured on {stored.get('source', 'an unrecorded set')}"
+    elif validation is not None:
+        reason = "the stored one was measured on this test split" if stored else "none is stored with the checkpoint"
+        cal = {"data": storage.absolute(data), "split": "val", **_calibration_of(validation())}
+        note = f"measured on the validation split of {data} for this report ({reason}; --attach stores one)"
+    else:
+        return None, "none stored with the checkpoint: estimate +/- twice its validation MAE, as /v1/verify answers"
+    return cal, note + (" (the reported images themselves: in-sample)" if _measured_on(cal, data, split) else "")
+
+
+def _measured_on(cal: dict[str, Any], data: str, split: str | None) -> bool:
+    return cal.get("data") == storage.absolute(data) and cal.get("split") == split
+
+
+def _measure_and_attach(
+    checkpoint: str | Path, data: str, table: pd.DataFrame, validation: Callable[[], pd.DataFrame] | None
+) -> dict[str, Any]:
+    """Calibrate on the validation split, or on ``table`` where ``data`` has none, and store it."""
+    split = None if validation is None else "val"
+    source = f"{data} ({split})" if split else f"{data} (every image)"
+    cal = _calibration_of(table if validation is None else validation())
+    attach_calibration(checkpoint, cal, source, data=data, split=split)
+    return {"source": source, "data": storage.absolute(data), "split": split, **cal}
 
 
 def _thumbnail(path: str, size: int = 128) -> np.ndarray:
@@ -63,27 +133,54 @@ def _thumbnail(path: str, size: int = 128) -> np.ndarray:
         return np.full((size, size, 3), 200, np.uint8)
 
 
-def build_report(table: pd.DataFrame, out: str | Path, meta: dict[str, Any] | None = None, worst: int = 18) -> dict:
-    """report.json, report.md, scatter.png, error_by_age.png, worst.png under ``out``."""
+def verification(
+    true: np.ndarray, pred: np.ndarray, cal: dict[str, Any] | None, margin: float, note: str
+) -> dict[str, Any]:
+    """The report's age-verification section: error rates per threshold and the likely range's coverage."""
+    return {"calibration": note, **({} if cal else {"margin_years": margin}),
+            "thresholds": metrics.verification_rates(true, pred, cal, margin),
+            "coverage": metrics.range_coverage(true, pred, cal, margin)}
+
+
+def build_report(
+    table: pd.DataFrame,
+    out: str | Path,
+    meta: dict[str, Any] | None = None,
+    worst: int = 18,
+    *,
+    split: str | None = None,
+    calibration: dict[str, Any] | None = None,
+    calibration_note: str = "none given: estimate +/- twice the validation MAE, as /v1/verify answers without one",
+) -> dict:
+    """report.json, report.md, scatter.png, error_by_age.png, worst.png under ``out``.
+
+    ``split`` names the prepared split that ``table`` holds (None: data that are not a prepared set);
+    ``calibration`` (as ``choose_calibration`` returns it, with its note) draws the verification figures.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scored = table[table["error"].fillna("") == ""]
+    scored = _scored(table)
     failed = table[table["error"].fillna("") != ""]
     if scored.empty:
         raise ValueError(f"no image could be scored ({len(failed)} failed); first error: {failed['error'].iloc[0]}")
     true, pred = scored["age"].to_numpy(float), scored["predicted_age"].to_numpy(float)
+    margin = metrics.fallback_margin((meta or {}).get("metrics", {}).get("val_mae"))
     report: dict[str, Any] = {
+        "split": split,
         "rows": len(table),
         "scored": len(scored),
         "unscored": len(failed),
         "unscored_by_reason": failed["error"].astype(str).str.split(":").str[0].value_counts().to_dict(),
         "metrics": metrics.summary(pred, true),
         "per_age_band": _records(metrics.per_band(pred, true)),
+        "verification": verification(true, pred, calibration, margin, calibration_note),
     }
     for col, names in (("gender", GENDERS), ("race", RACES)):
         if col in scored and scored[col].notna().any():
             groups = scored[col].map(lambda v, n=names: n.get(int(v), str(v)) if pd.notna(v) else None)
             report[f"per_{col}"] = _records(metrics.per_group(pred, true, groups))
+    if "faces_found" in table:  # photos through face detection (evaluate --detect-faces)
+        report["faces"] = face_summary(table, out)
     if meta:
         report["checkpoint"] = {"backbone": meta["model"]["backbone"], "epoch": meta.get("epoch"),
                                 "train_val_mae": meta.get("metrics", {}).get("val_mae")}
@@ -99,6 +196,37 @@ def build_report(table: pd.DataFrame, out: str | Path, meta: dict[str, Any] | No
     return report
 
 
+NO_FACE_CSV = "no_face.csv"
+
+
+def face_summary(table: pd.DataFrame, out: Path, listed: int = 50) -> dict[str, Any]:
+    """How many photos had a face, and which had none (all of them in ``no_face.csv``, never dropped).
+
+    ``table`` has one row per photo with ``faces_found``: the most confident face is the one scored.
+    """
+    no_face = table[table["error"].fillna("").str.startswith("no_face:")]
+    no_face[["path", "age", "error"]].to_csv(out / NO_FACE_CSV, index=False)
+    return {
+        "rule": "one face per photo: the most confident detection, aligned like the training crops",
+        "photos": len(table),
+        "with_face": int((table["faces_found"] > 0).sum()),
+        "with_several_faces": int((table["faces_found"] > 1).sum()),
+        "without_face": len(no_face),
+        "without_face_listed": no_face["path"].head(listed).tolist(),
+        "without_face_csv": NO_FACE_CSV,
+    }
+
+
+def _faces_md(faces: dict[str, Any]) -> list[str]:
+    lines = ["## Faces", "", f"{faces['rule']}. {faces['with_face']} of {faces['photos']} photos had a face "
+             f"({faces['with_several_faces']} several); {faces['without_face']} had none"
+             + (f" (all in `{faces['without_face_csv']}`):" if faces["without_face"] else "."), ""]
+    lines += [f"- {path}" for path in faces["without_face_listed"]]
+    if faces["without_face"] > len(faces["without_face_listed"]):
+        lines.append(f"- ... and {faces['without_face'] - len(faces['without_face_listed'])} more")
+    return [*lines, ""]
+
+
 def _table_md(rows: list[dict[str, Any]], first: str) -> str:
     lines = [f"| {first} | MAE | bias | count |", "|---|---:|---:|---:|"]
     for r in rows:
@@ -108,10 +236,43 @@ def _table_md(rows: list[dict[str, Any]], first: str) -> str:
     return "\n".join(lines)
 
 
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
+
+
+def _verification_md(v: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Age verification (`/v1/verify`)", "",
+        f"Calibration: {v['calibration']}.", "",
+        "False positive rate: share of people under the threshold whom the verifier accepts; false negative "
+        "rate: share of those at or over it whom it rejects; uncertain: share it sends to another check.", "",
+        f"| threshold | under | false positive rate | the same, {metrics.NEAR_THRESHOLD_YEARS} years under at most "
+        "(13-17 at 18) | at or over | false negative rate | uncertain (under / over) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in v["thresholds"]:
+        lines.append(f"| {r['threshold']:g} | {r['under']} | {_pct(r['false_positive_rate'])} | "
+                     f"{_pct(r['false_positive_rate_near'])} (n={r['near_under']}) | {r['over']} | "
+                     f"{_pct(r['false_negative_rate'])} | {_pct(r['uncertain'])} "
+                     f"({_pct(r['uncertain_under'])} / {_pct(r['uncertain_over'])}) |")
+    c = v["coverage"]
+    lines += ["", f"Share of true ages inside the likely range: {_pct(c['overall'])} (built for "
+              f"{c['nominal']:.0%}).", "",
+              "| age band | estimate in the band | count | true age in the band | count |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['age_band']} | {_pct(r['by_estimate'])} | {r['count_by_estimate']} | "
+              f"{_pct(r['by_true_age'])} | {r['count_by_true_age']} |" for r in c["per_band"]]
+    return [*lines, ""]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
+    split = report.get("split")
     parts = [
         "# Evaluation report",
+        "",
+        (f"Split: {split}" + (" (held out: never read by training, early stopping, tuning or calibration)."
+                              if split == "test" else ".") if split
+         else "Data: not a prepared set (every labelled image given)."),
         "",
         f"{report['scored']} of {report['rows']} images scored"
         + (f"; {report['unscored']} could not be read: {report['unscored_by_reason']}" if report["unscored"] else "."),
@@ -129,5 +290,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for key, title in (("per_gender", "gender"), ("per_race", "race")):
         if key in report:
             parts += [f"## Per {title}", "", _table_md(report[key], title), ""]
+    if "faces" in report:
+        parts += _faces_md(report["faces"])
+    parts += _verification_md(report["verification"])
     parts += ["![scatter](scatter.png)", "![error by age](error_by_age.png)", "![worst](worst.png)", ""]
     return "\n".join(parts)

@@ -1,6 +1,13 @@
-"""Age-regression metrics: MAE, RMSE, CS@k, bias, and the same per age band or group."""
+"""Age-regression metrics: MAE, RMSE, CS@k, bias, and the same per age band or group; and the
+age-verification verdicts of ``/v1/verify`` with their error rates.
+
+A *calibration* is the dict that ``agecore.evaluate.calibration`` builds (and ``calibration.json``
+holds): signed-error quantiles ``q0.05`` ... ``q0.95`` per band of the estimate, and ``overall``.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -8,6 +15,12 @@ import pandas as pd
 from agecore.datasets import AGE_BAND_LABELS, age_band
 
 CS_THRESHOLDS = (1, 3, 5, 10)
+# the age thresholds that age-assurance evaluations report (NIST FATE AEV; COPPA 13, 16, 18, 21, Challenge 25)
+VERIFY_THRESHOLDS = (13, 16, 18, 21, 25)
+# minors this many years under a threshold are the ones an estimator most often lets through
+NEAR_THRESHOLD_YEARS = 5
+# the likely range [estimate - q0.95, estimate - q0.05] is meant to hold this share of true ages
+NOMINAL_COVERAGE = 0.9
 
 
 def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -54,3 +67,146 @@ def per_band(pred: np.ndarray, true: np.ndarray) -> pd.DataFrame:
     table["count"] = table["count"].fillna(0).astype(int)
     table.index.name = "age_band"
     return table
+
+
+def estimate_band(ages: np.ndarray) -> np.ndarray:
+    """Index into ``AGE_BAND_LABELS`` of each *estimate*; a regression can go below zero, which is band 0-2.
+
+    >>> estimate_band(np.array([-0.4, 2.0, 70.0])).tolist()
+    [0, 0, 8]
+    """
+    return age_band(np.maximum(np.asarray(ages, dtype=float), 0.0))
+
+
+def fallback_margin(val_mae: float | None) -> float:
+    """The half-width of the likely range when a checkpoint has no calibration: twice its validation MAE
+    (5 years where even that is unknown)."""
+    return 2.0 * float(val_mae or 5.0)
+
+
+def _band_quantiles(calibration: dict[str, Any] | None, band: int) -> dict[str, float] | None:
+    """The quantiles of one estimate band, else the overall ones, else None."""
+    cal = calibration or {}
+    return cal.get("bands", {}).get(AGE_BAND_LABELS[band]) or cal.get("overall") or None
+
+
+def likely_range(
+    ages: np.ndarray, calibration: dict[str, Any] | None, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` for each estimate: 90% of the validation faces whose estimate fell in the same band
+    had a true age inside it; ``estimate +/- margin`` where no calibration is stored.
+
+    >>> cal = {"bands": {"18-24": {"count": 50, "q0.05": -2.0, "q0.95": 3.0}}}
+    >>> low, high = likely_range(np.array([20.0, 40.0]), cal, 4.0)
+    >>> low.tolist(), high.tolist()
+    ([17.0, 36.0], [22.0, 44.0])
+    """
+    ages = np.asarray(ages, dtype=float)
+    low, high = ages - margin, ages + margin
+    bands = estimate_band(ages)
+    for band in np.unique(bands):
+        q = _band_quantiles(calibration, int(band))
+        if q:
+            sel = bands == band
+            low[sel] = ages[sel] - q["q0.95"]
+            high[sel] = ages[sel] - q["q0.05"]
+    return low, high
+
+
+def verdicts(low: np.ndarray, high: np.ndarray, min_age: float) -> np.ndarray:
+    """'yes' where the whole likely range is at or over ``min_age``, 'no' where all of it is under,
+    'uncertain' where it straddles the threshold.
+
+    >>> verdicts(np.array([18.0, 10.0, 15.0]), np.array([25.0, 17.9, 20.0]), 18).tolist()
+    ['yes', 'no', 'uncertain']
+    """
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    return np.where(low >= min_age, "yes", np.where(high < min_age, "no", "uncertain"))
+
+
+def verify_answer(age: float, min_age: float, calibration: dict[str, Any] | None, margin: float) -> dict[str, Any]:
+    """Is the person at least ``min_age``? The answer of ``/v1/verify`` for one estimate.
+
+    'uncertain' when the likely range (``likely_range``) reaches both sides of ``min_age``.
+
+    >>> verify_answer(30.0, 18, None, 4.0)["verdict"]
+    'yes'
+    >>> verify_answer(19.0, 18, None, 4.0)["verdict"]
+    'uncertain'
+    """
+    low, high = likely_range(np.array([age]), calibration, margin)
+    verdict = str(verdicts(low, high, min_age)[0])
+    band = int(estimate_band(np.array([age]))[0])
+    q = _band_quantiles(calibration, band)
+    if q:
+        source = f"validation errors of estimates in band {AGE_BAND_LABELS[band]} (n={q['count']})"
+    else:
+        source = "no calibration stored with the checkpoint: +/- twice the validation MAE"
+    return {"verdict": verdict, "is_at_least_min_age": {"yes": True, "no": False}.get(verdict),
+            "min_age": min_age, "age": round(age, 2), "likely_range": [round(float(low[0]), 1), round(float(high[0]), 1)],
+            "margin_source": source}
+
+
+def _share(mask: np.ndarray, among: np.ndarray) -> float | None:
+    """Share of ``among`` where ``mask`` holds, or None when ``among`` is empty."""
+    n = int(among.sum())
+    return round(float((mask & among).sum() / n), 4) if n else None
+
+
+def verification_rates(
+    true: np.ndarray,
+    pred: np.ndarray,
+    calibration: dict[str, Any] | None,
+    margin: float,
+    thresholds: tuple[float, ...] = VERIFY_THRESHOLDS,
+) -> list[dict[str, Any]]:
+    """Age-verification error rates per threshold, as NIST FATE AEV publishes them, for ``/v1/verify``'s verdicts.
+
+    ``false_positive_rate``: share of people under the threshold that the verifier accepts ('yes');
+    ``false_negative_rate``: share of those at or over it that it rejects ('no'); ``uncertain``: share of
+    everyone it sends to another check, also given among those under (``uncertain_under``) and at or over
+    (``uncertain_over``). ``false_positive_rate_near`` is the first rate for the ``NEAR_THRESHOLD_YEARS``
+    just under the threshold (13-17 at 18). Shares are None where their group is empty.
+
+    >>> r = verification_rates(np.array([10.0, 17, 30]), np.array([20.0, 17, 30]), None, 1.0, (18,))[0]
+    >>> r["false_positive_rate"], r["false_negative_rate"], r["uncertain"]
+    (0.5, 0.0, 0.3333)
+    """
+    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    low, high = likely_range(pred, calibration, margin)
+    rows = []
+    for t in thresholds:
+        verdict = verdicts(low, high, t)
+        under, over = true < t, true >= t
+        near = under & (true >= t - NEAR_THRESHOLD_YEARS)
+        yes, no, unsure = verdict == "yes", verdict == "no", verdict == "uncertain"
+        rows.append({
+            "threshold": t, "under": int(under.sum()), "over": int(over.sum()),
+            "false_positive_rate": _share(yes, under), "false_negative_rate": _share(no, over),
+            "uncertain": _share(unsure, np.ones_like(under)),
+            "uncertain_under": _share(unsure, under), "uncertain_over": _share(unsure, over),
+            "near_under": int(near.sum()), "false_positive_rate_near": _share(yes, near),
+        })
+    return rows
+
+
+def range_coverage(
+    true: np.ndarray, pred: np.ndarray, calibration: dict[str, Any] | None, margin: float
+) -> dict[str, Any]:
+    """Share of true ages inside the likely range (``NOMINAL_COVERAGE`` is what it is built for), overall
+    and per age band, both of the estimate (the band whose quantiles drew the range) and of the true age.
+
+    >>> c = range_coverage(np.array([20.0, 30, 70]), np.array([21.0, 36, 69]), None, 4.0)
+    >>> c["overall"], c["per_band"][3]["by_estimate"], c["per_band"][4]["by_true_age"]
+    (0.6667, 1.0, 0.0)
+    """
+    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    low, high = likely_range(pred, calibration, margin)
+    inside = (low <= true) & (true <= high)
+    by_estimate, by_true = estimate_band(pred), age_band(true)
+    rows = []
+    for i, label in enumerate(AGE_BAND_LABELS):
+        rows.append({"age_band": label, "by_estimate": _share(inside, by_estimate == i),
+                     "count_by_estimate": int((by_estimate == i).sum()),
+                     "by_true_age": _share(inside, by_true == i), "count_by_true_age": int((by_true == i).sum())})
+    return {"nominal": NOMINAL_COVERAGE, "overall": _share(inside, np.ones_like(inside)), "per_band": rows}

@@ -30,11 +30,15 @@ from agecore.datasets import (
     assign_splits,
     resolve_duplicates,
 )
+from agecore.errors import InvalidInput, MissingInput
 from agecore.images import ImageError, content_digest, decode, read_bytes, resize_square
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# a band of the validation split needs this many faces for its 5% and 95% error quantiles (the likely
+# range of /v1/verify) to be more than its most extreme errors
+MIN_CALIBRATION_BAND = 20
 
 
 def decode_batch(
@@ -124,6 +128,21 @@ def pick_samples(meta: pd.DataFrame, per_band: int = 2, seed: int = 0) -> pd.Dat
     return meta.iloc[sorted(picks, key=lambda i: meta["age"].iloc[i])]
 
 
+def split_warnings(val_ages: np.ndarray) -> list[str]:
+    """The age bands in which the validation split is too small to calibrate age verification, in one line.
+
+    >>> split_warnings(np.array([30.0] * 25 + [70.0] * 3 + [1.0] * 5))
+    ['validation split: under 20 faces in band 0-2 (5), 65+ (3): the likely range of /v1/verify there rests on its few largest errors; raise --val-fraction']
+    """
+    counts = np.bincount(age_band(np.asarray(val_ages, dtype=float)), minlength=len(AGE_BAND_LABELS))
+    small = [f"{label} ({n})" for label, n in zip(AGE_BAND_LABELS, counts.tolist(), strict=True)
+             if 0 < n < MIN_CALIBRATION_BAND]
+    if not small:
+        return []
+    return [f"validation split: under {MIN_CALIBRATION_BAND} faces in band {', '.join(small)}: the likely range of "
+            "/v1/verify there rests on its few largest errors; raise --val-fraction"]
+
+
 def write_report(
     out: Path,
     cfg: PrepareConfig,
@@ -149,6 +168,7 @@ def write_report(
         "rejected": len(rejects),
         "rejected_by_reason": {str(k): int(v) for k, v in rejects["reason"].value_counts().items()},
         "splits": {s: age_stats(a) for s, a in by_split.items()},
+        "warnings": split_warnings(by_split.get("val", np.array([]))),
         "seconds": round(seconds, 1),
         "images_per_second": round(listed / seconds, 1) if seconds > 0 else None,
     }
@@ -169,7 +189,7 @@ def read_prepare_info(prepared: str | Path) -> dict[str, Any]:
     """prepare.json, with the report's per-split age statistics under ``splits`` (a folder or a URI)."""
     path = storage.join(prepared, "prepare.json")
     if not storage.exists(path):
-        raise FileNotFoundError(f"{prepared} is not a prepared data set (no prepare.json): run `age prepare` first")
+        raise MissingInput(f"{prepared} is not a prepared data set (no prepare.json): run `age prepare` first")
     info = json.loads(storage.read_text(path))
     info["splits"] = json.loads(storage.read_text(storage.join(prepared, "report", "summary.json")))["splits"]
     return info
@@ -177,3 +197,26 @@ def read_prepare_info(prepared: str | Path) -> dict[str, Any]:
 
 def split_dir(prepared: str | Path, split: str) -> str:
     return storage.join(prepared, "data", f"split={split}")
+
+
+def is_prepared(data: str | Path) -> bool:
+    """Whether ``data`` (a folder or a URI) is the output of ``age prepare``."""
+    return storage.exists(storage.join(data, "prepare.json"))
+
+
+def resolve_split(data: str | Path, split: str | None) -> str | None:
+    """The split of a prepared set to evaluate: ``split`` where given, else test where one is held out, else val.
+
+    None where ``data`` is not a prepared set (every labelled image is evaluated); a split the set
+    does not hold, or a split asked of data that have none, is the user's error.
+    """
+    if not is_prepared(data):
+        if split is not None:
+            raise InvalidInput(f"--split {split}: {data} is not a prepared folder (no prepare.json), so it has no splits")
+        return None
+    held = sorted(s for s, n in read_prepare_info(data)["counts"].items() if n)
+    if split is None:
+        return "test" if "test" in held else "val"
+    if split not in held:
+        raise InvalidInput(f"--split {split}: {data} holds the splits {held}")
+    return split

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,8 @@ from agecore.datasets import (
     resolve_duplicates,
     validate_labels,
 )
+from agecore.errors import InvalidInput
+from agecore.prepare import resolve_split
 from tests.conftest import make_labels_dir
 
 
@@ -92,6 +96,34 @@ def test_splits_are_seeded_stratified_and_keep_copies_together():
     assert meta.assign(split=a).groupby("digest")["split"].nunique().max() == 1
     share = pd.crosstab(age_band(ages), a, normalize="index")
     assert np.allclose(share["val"], 0.2, atol=0.03) and np.allclose(share["test"], 0.1, atol=0.03)
+
+
+def test_a_test_split_is_held_out_by_default():
+    cfg = PrepareConfig(data="d", out="o")
+    assert cfg.test_fraction == pytest.approx(0.1) and cfg.val_fraction == pytest.approx(0.15)
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame({"age": rng.integers(0, 90, 1000), "digest": [f"d{i}" for i in range(1000)]})
+    counts = assign_splits(meta, cfg.val_fraction, cfg.test_fraction).value_counts()
+    assert counts["test"] == pytest.approx(100, abs=5) and counts["val"] == pytest.approx(150, abs=5)
+
+
+def fake_prepared(root, counts: dict[str, int]):
+    """The two files that say what a prepared folder holds (no shards: enough to choose a split)."""
+    (root / "report").mkdir(parents=True)
+    (root / "prepare.json").write_text(json.dumps({"counts": counts}))
+    (root / "report" / "summary.json").write_text(json.dumps({"splits": {}}))
+    return root
+
+
+def test_evaluation_reports_test_where_held_out_else_val(tmp_path):
+    held = fake_prepared(tmp_path / "a", {"train": 70, "val": 20, "test": 10})
+    assert resolve_split(held, None) == "test" and resolve_split(held, "val") == "val"
+    assert resolve_split(fake_prepared(tmp_path / "b", {"train": 80, "val": 20}), None) == "val"
+    with pytest.raises(InvalidInput, match=r"--split test: .* holds the splits \['train', 'val'\]"):
+        resolve_split(tmp_path / "b", "test")
+    assert resolve_split(tmp_path / "m.csv", None) is None
+    with pytest.raises(InvalidInput, match="not a prepared folder"):
+        resolve_split(tmp_path / "m.csv", "val")
 
 
 def test_prepare_config_validates():

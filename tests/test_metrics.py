@@ -53,3 +53,71 @@ def test_early_stopping_and_schedule():
     assert es.should_stop and es.best == 8.7 and es.best_epoch == 1
     assert lr_factor(0, 100, 0, "constant") == 1.0
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.01)
+
+
+# A hand-made verification table. Likely ranges (estimate e): band 10-17 [e-2, e+3], band 18-24 [e-4, e+2],
+# every other band the overall quantiles [e-5, e+5].
+CAL = {
+    "bands": {"10-17": {"count": 30, "q0.05": -3.0, "q0.95": 2.0}, "18-24": {"count": 40, "q0.05": -2.0, "q0.95": 4.0}},
+    "overall": {"count": 100, "q0.05": -5.0, "q0.95": 5.0},
+}
+#                   range:  [12,17] [14.5,19.5] [15,21] [19,25] [15,20] [17,23] [21,31] [35,45] [4,14] [20,26] [11,16]
+V_TRUE = np.array([12.0, 15.0, 16.0, 17.0, 19.0, 22.0, 30.0, 45.0, 8.0, 24.0, 20.0])
+V_PRED = np.array([14.0, 16.5, 19.0, 23.0, 17.0, 21.0, 26.0, 40.0, 9.0, 24.0, 13.0])
+
+
+def test_likely_range_uses_the_band_of_the_estimate_else_overall():
+    low, high = metrics.likely_range(V_PRED, CAL, margin=99.0)
+    assert np.allclose(low, [12, 14.5, 15, 19, 15, 17, 21, 35, 4, 20, 11])
+    assert np.allclose(high, [17, 19.5, 21, 25, 20, 23, 31, 45, 14, 26, 16])
+    # a negative estimate is in band 0-2, not wrapped round to 65+
+    neg = {"bands": {"0-2": {"count": 9, "q0.05": -1.0, "q0.95": 1.0}, "65+": {"count": 9, "q0.05": -20.0, "q0.95": 20.0}}}
+    assert metrics.likely_range(np.array([-0.5]), neg, 99.0)[1].tolist() == [0.5]
+    assert metrics.likely_range(np.array([30.0]), None, 4.0)[0].tolist() == [26.0]
+
+
+def test_verification_rates_golden_numbers():
+    rates = {r["threshold"]: r for r in metrics.verification_rates(V_TRUE, V_PRED, CAL, margin=99.0)}
+    assert list(rates) == [13, 16, 18, 21, 25]
+    assert rates[18] == {
+        "threshold": 18, "under": 5, "over": 6,
+        "false_positive_rate": 0.2,  # 17 estimated 23: [19, 25] is all over 18
+        "false_negative_rate": 0.1667,  # 20 estimated 13: [11, 16] is all under
+        "uncertain": 0.3636, "uncertain_under": 0.4, "uncertain_over": 0.3333,
+        "near_under": 3, "false_positive_rate_near": 0.3333,  # 13-17: the 15, 16 and 17-year-olds
+    }
+    # a range starting exactly at the threshold accepts (30 estimated 26: [21, 31] at 21) ...
+    assert (rates[21]["under"], rates[21]["over"], rates[21]["false_negative_rate"], rates[21]["uncertain_over"]) == \
+        (7, 4, 0.0, 0.5)
+    # ... one ending exactly at it is uncertain (20 estimated 13: [11, 16] at 16)
+    assert (rates[16]["under"], rates[16]["false_positive_rate"], rates[16]["uncertain_under"],
+            rates[16]["false_negative_rate"], rates[16]["uncertain_over"]) == (3, 0.0, 0.6667, 0.0, 0.375)
+    assert (rates[13]["under"], rates[13]["uncertain_under"], rates[13]["uncertain"]) == (2, 1.0, 0.2727)
+    # at 25: of the 9 under it, 17 estimated 23 and 24 estimated 24 reach 25; of the 2 over it, 30 estimated 26
+    assert (rates[25]["under"], rates[25]["false_positive_rate"], rates[25]["uncertain_under"],
+            rates[25]["uncertain_over"]) == (9, 0.0, 0.2222, 0.5)
+    # the same verdicts as /v1/verify gives each of these people
+    for t in (13, 16, 18, 21, 25):
+        answers = [metrics.verify_answer(float(p), t, CAL, 99.0)["verdict"] for p in V_PRED]
+        under = np.less(V_TRUE, t)
+        accepted = sum(a == "yes" for a, u in zip(answers, under, strict=True) if u)
+        rejected = sum(a == "no" for a, u in zip(answers, under, strict=True) if not u)
+        assert rates[t]["false_positive_rate"] == pytest.approx(accepted / under.sum(), abs=1e-4)
+        assert rates[t]["false_negative_rate"] == pytest.approx(rejected / (~under).sum(), abs=1e-4)
+
+
+def test_verification_rates_are_none_for_an_empty_group():
+    r = metrics.verification_rates(np.array([30.0, 40.0]), np.array([30.0, 40.0]), None, 2.0, (18,))[0]
+    assert r["under"] == 0 and r["false_positive_rate"] is None and r["false_negative_rate"] == 0.0
+
+
+def test_range_coverage_golden_numbers():
+    cov = metrics.range_coverage(V_TRUE, V_PRED, CAL, margin=99.0)
+    assert cov["nominal"] == 0.9 and cov["overall"] == pytest.approx(9 / 11, abs=1e-4)  # 17 and 20 fall outside
+    bands = {r["age_band"]: r for r in cov["per_band"]}
+    assert (bands["10-17"]["by_estimate"], bands["10-17"]["count_by_estimate"]) == (0.75, 4)
+    assert (bands["18-24"]["by_estimate"], bands["18-24"]["by_true_age"], bands["18-24"]["count_by_true_age"]) == \
+        (0.75, 0.75, 4)
+    assert bands["45-54"]["by_true_age"] == 1.0 and bands["45-54"]["by_estimate"] is None
+    assert bands["0-2"] == {"age_band": "0-2", "by_estimate": None, "count_by_estimate": 0,
+                            "by_true_age": None, "count_by_true_age": 0}

@@ -80,6 +80,11 @@ def test_report_is_complete(prepared):
         assert (out / "report" / name).stat().st_size > 10_000
     info = json.loads((out / "prepare.json").read_text())
     assert info["image_size"] == 64 and info["config"]["seed"] == 1
+    # about 60 validation faces over nine bands: each band under 20 is named as too small to calibrate on
+    small = [band for band, n in saved["splits"]["val"]["per_band"].items() if 0 < n < 20]
+    assert small and len(saved["warnings"]) == 1  # one line, naming each of them with its count
+    named = saved["warnings"][0].split(" in band ")[1].split(":")[0].split(", ")
+    assert [band.split(" (")[0] for band in named] == small
 
 
 def test_strict_fails_on_rejects(dirty, tmp_path, ray_local):
