@@ -1,23 +1,39 @@
-"""Find faces in uncropped photos and crop them the way the training images were cropped.
+"""Find faces in uncropped photos and align them the way the training crops are aligned.
 
-The model learnt from face crops (UTKFace chips: the face fills a ~200 px square). A group photo
-or a portrait with background has to be cut into such crops first; ``FaceDetector`` does that
-with facenet-pytorch's MTCNN, whose weights ship inside the package (nothing is downloaded).
+The model learnt from aligned face crops (UTKFace chips: eyes level, at a fixed place and scale,
+forehead cut). ``FaceDetector`` finds each face and its five landmarks with facenet-pytorch's
+MTCNN, whose weights ship inside the package (nothing is downloaded); ``align`` warps the face
+with the similarity transform that puts its landmarks onto the training crops' own landmark
+layout, as insightface's ``norm_crop`` and dlib's face chips do. That layout (the *template*) is
+measured from the training images by ``measure_template`` and stored in the checkpoint's
+preprocessing; ``UTKFACE_TEMPLATE`` stands in for checkpoints that carry none.
 
     >>> detector = FaceDetector()  # doctest: +SKIP
     >>> faces = detector.detect(photo)  # doctest: +SKIP
-    >>> [detector.crop(photo, f).size for f in faces]  # doctest: +SKIP
-    [(218, 218), (230, 230)]
+    >>> [align(photo, f.landmarks, UTKFACE_TEMPLATE, 224).shape for f in faces]  # doctest: +SKIP
+    [(224, 224, 3), (224, 224, 3)]
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pa_ds
+import pyarrow.fs
+import torch
 from PIL import Image
 
+from agecore import storage
 from agecore.config import FaceDetection
+from agecore.errors import MissingInput
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "face detection needs facenet-pytorch (MTCNN, weights included): "
@@ -25,6 +41,36 @@ INSTALL_HINT = (
     "(--no-deps because its metadata pins torch<2.3, while MTCNN runs on current torch; "
     "its other needs, torchvision, numpy, pillow and requests, are installed already)"
 )
+
+# MTCNN's five landmarks, in its order; left and right as seen in the image.
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+Point = tuple[float, float]
+Template = tuple[Point, ...]
+
+# Mean landmarks of UTKFace chips, (x, y) in the unit square of the chip: the layout for checkpoints
+# whose preprocessing carries no template of its own. Measured on 500 chips spread over the
+# collection by:
+#   python -c "from agecore.faces import template_from_files as t; print(t('../shared/data/faces/final_files', 500))"
+UTKFACE_TEMPLATE: Template = (
+    (0.3011, 0.2933), (0.6923, 0.2936), (0.4961, 0.5242), (0.3184, 0.6951), (0.6717, 0.6952),
+)
+
+# Grey border (share of the crop's side) around a training crop before its landmarks are detected:
+# MTCNN misplaces the landmarks of a face that fills the whole frame.
+TEMPLATE_PAD = 0.25
+# A template from fewer crops than this is not trusted: the fallback is used instead.
+MIN_TEMPLATE_FACES = 20
+# The face of a padded crop spans about half its side: nothing smaller is looked for, on a small copy (speed).
+TEMPLATE_DETECTION = FaceDetection(min_fraction=0.3, working_size=192)
+TEMPLATE_SAMPLE = 200
+
+_WARP_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.BICUBIC,  # PIL's affine warp offers no Lanczos
+}
 
 
 def require_mtcnn() -> type:
@@ -38,14 +84,18 @@ def require_mtcnn() -> type:
 
 @dataclass(frozen=True)
 class Face:
-    """One detection: ``box`` is (x1, y1, x2, y2) in pixels of the photo, ``score`` MTCNN's probability."""
+    """One detection in pixels of the photo: ``box`` (x1, y1, x2, y2), ``score`` MTCNN's probability,
+    ``landmarks`` five (x, y) points in ``LANDMARKS`` order."""
 
     box: tuple[float, float, float, float]
     score: float
+    landmarks: tuple[Point, ...]
 
 
 def square_box(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int, int]:
-    """The square crop around a detection: centred on the box, side = longer side x (1 + margin).
+    """The square around a detection: centred on the box, side = longer side x (1 + margin).
+
+    The unaligned framing, kept for comparisons (``benchmarks/robustness.py``).
 
     >>> square_box((50.0, 60.0, 210.0, 266.0), 0.05)
     (22, 55, 238, 271)
@@ -58,36 +108,178 @@ def square_box(box: tuple[float, float, float, float], margin: float) -> tuple[i
     return left, top, left + size, top + size
 
 
-class FaceDetector:
-    """MTCNN behind a small interface: ``detect`` -> faces left to right, ``crop`` -> square crops.
+# -- alignment -----------------------------------------------------------------------------------------
 
-    Only detections with a score of at least ``config.min_score`` and a box at least
-    ``config.min_size`` pixels on its longer side are kept: smaller faces hold too little
-    detail for an age estimate. ``detect`` may be called from several threads
-    at once (a Serve replica does).
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 matrix of the rotation, uniform scale and shift that takes ``src`` points closest to
+    ``dst`` in least squares (Umeyama 1991; never a reflection).
+
+    >>> src = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> similarity_transform(src, 2 * src[:, ::-1] * [-1, 1] + [10, 20]).round(6) + 0.0
+    array([[ 0., -2., 10.],
+           [ 2.,  0., 20.]])
+    """
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
+        raise ValueError(f"need two equal N x 2 point sets (N >= 2), got {src.shape} and {dst.shape}")
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    u, s, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
+    d = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])  # no mirror image
+    rotation = u @ np.diag(d) @ vt
+    scale = float((s * d).sum() / (src_c**2).sum(1).mean())
+    shift = dst_mean - scale * rotation @ src_mean
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
+def align(image: Image.Image, landmarks: Sequence[Point] | np.ndarray, template: Sequence[Point],
+          size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """The face warped so that its ``landmarks`` land on ``template`` x ``size``: a square ``uint8``
+    HWC array of side ``size``, black where it reaches outside the photo (as in the UTKFace chips).
+
+    A face much larger than ``size`` is box-filtered down first (``Image.reduce``) over the region
+    the crop covers: the affine warp samples without antialiasing.
+    """
+    target = np.asarray(template, np.float64) * size
+    # PIL's warp maps each output pixel back into the photo: the transform from crop to photo
+    inverse = similarity_transform(target, np.asarray(landmarks, np.float64))
+    factor = int(math.hypot(inverse[0, 0], inverse[1, 0]))  # photo pixels per crop pixel
+    if factor >= 2:
+        corners = inverse @ np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64).T
+        left, top = np.floor(corners.min(1)).astype(int)
+        right, bottom = np.ceil(corners.max(1)).astype(int)
+        image = image.crop((left, top, right, bottom)).reduce(factor)
+        inverse = np.hstack([inverse[:, :2], (inverse[:, 2] - (left, top))[:, None]]) / factor
+    warped = image.transform((size, size), Image.Transform.AFFINE, tuple(inverse.ravel()),
+                             resample=_WARP_RESAMPLE[interpolation])
+    return np.asarray(warped, dtype=np.uint8)
+
+
+# -- detection -----------------------------------------------------------------------------------------
+
+
+class FaceDetector:
+    """MTCNN behind a small interface: ``detect`` -> faces left to right, with their landmarks.
+
+    For speed, MTCNN runs on a copy of the photo scaled down to ``config.working_size`` on its
+    longer side and looks for faces down to ``min_face`` only; boxes and landmarks come back in
+    pixels of the photo itself. Detections under ``config.min_score``, or under ``config.min_size``
+    pixels on their longer side (too little detail for an age estimate), are dropped. ``detect``
+    may be called from several threads at once (a Serve replica does).
     """
 
     def __init__(self, config: FaceDetection | None = None, device: str | None = None) -> None:
         MTCNN = require_mtcnn()
         self.config = config or FaceDetection()
-        # keep_all: every face, not just the largest; the last-stage threshold is ours (min_score).
-        self.mtcnn = MTCNN(keep_all=True, min_face_size=self.config.min_size, thresholds=[0.6, 0.7, 0.7],
-                           select_largest=False, device=device or "cpu").eval()
+        self.mtcnn = MTCNN(keep_all=True, thresholds=[0.6, 0.7, 0.7], select_largest=False,
+                           device=device or "cpu").eval()
+
+    def min_face(self, size: tuple[int, int]) -> float:
+        """The smallest face looked for in a photo of ``size`` (pixels of the photo): ``min_size``,
+        or ``min_fraction`` of the shorter side where that is larger."""
+        return max(float(self.config.min_size), self.config.min_fraction * min(size))
 
     def detect(self, image: Image.Image) -> list[Face]:
         """Faces in an RGB photo, ordered left to right (then top to bottom)."""
-        boxes, probs = self.mtcnn.detect(image)
-        if boxes is None:
-            return []
-        faces = [
-            Face(tuple(float(v) for v in box), float(prob))  # type: ignore[arg-type]
-            for box, prob in zip(np.asarray(boxes, dtype=np.float64), probs, strict=True)
-            if prob is not None and prob >= self.config.min_score
-            and max(box[2] - box[0], box[3] - box[1]) >= self.config.min_size
-        ]
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        scale = min(1.0, self.config.working_size / max(image.size))
+        small = image
+        if scale < 1.0:
+            small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR, reducing_gap=2.0)
+        sx, sy = small.width / image.width, small.height / image.height
+        # MTCNN's pyramid starts at the smallest face asked for: the one knob that sets its cost
+        smallest = max(12.0, self.min_face(image.size) * min(sx, sy))
+        m = self.mtcnn
+        with torch.inference_mode():
+            boxes, points = detect_face(np.asarray(small), smallest, m.pnet, m.rnet, m.onet, m.thresholds,
+                                        m.factor, m.device)
+        faces = []
+        for box, pts in zip(np.asarray(boxes[0], np.float64).reshape(-1, 5),
+                            np.asarray(points[0], np.float64).reshape(-1, 5, 2), strict=True):
+            x1, y1, x2, y2 = box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy
+            if box[4] >= self.config.min_score and max(x2 - x1, y2 - y1) >= self.config.min_size:
+                landmarks = tuple((float(x / sx), float(y / sy)) for x, y in pts)
+                faces.append(Face((float(x1), float(y1), float(x2), float(y2)), float(box[4]), landmarks))
         return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 
-    def crop(self, image: Image.Image, face: Face) -> Image.Image:
-        """The square around ``face``; parts outside the photo are black, as in the UTKFace chips."""
-        return image.crop(square_box(face.box, self.config.margin))
 
+# -- the template: where the training crops have their landmarks ---------------------------------------
+
+
+def _landmarks_in_crop(crop: Image.Image, detector: FaceDetector) -> np.ndarray | None:
+    """The most confident face's landmarks in the unit square of ``crop``, or None without a face."""
+    pad = round(TEMPLATE_PAD * max(crop.size))
+    canvas = Image.new("RGB", (crop.width + 2 * pad, crop.height + 2 * pad), (128, 128, 128))
+    canvas.paste(crop, (pad, pad))
+    faces = detector.detect(canvas)
+    if not faces:
+        return None
+    best = max(faces, key=lambda f: f.score)
+    return (np.asarray(best.landmarks) - pad) / crop.size
+
+
+def measure_template(crops: Iterable[Image.Image | np.ndarray], detector: FaceDetector | None = None) -> Template | None:
+    """Mean landmark positions of the training crops, (x, y) in the unit square of a crop.
+
+    The most confident face of each crop counts; None when fewer than ``MIN_TEMPLATE_FACES``
+    crops show one (too few to trust).
+    """
+    detector = detector or FaceDetector(TEMPLATE_DETECTION)
+    found = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MTCNN's small passes: threads cost more than they bring (10x on a busy CPU)
+    try:
+        for crop in crops:
+            image = Image.fromarray(crop) if isinstance(crop, np.ndarray) else crop.convert("RGB")
+            points = _landmarks_in_crop(image, detector)
+            if points is not None:
+                found.append(points)
+    finally:
+        torch.set_num_threads(threads)
+    if len(found) < MIN_TEMPLATE_FACES:
+        log.warning("landmarks found on %d crops only (need %d): no face template measured", len(found),
+                    MIN_TEMPLATE_FACES)
+        return None
+    mean = np.mean(found, axis=0)
+    return tuple((round(float(x), 4), round(float(y), 4)) for x, y in mean)
+
+
+def template_from_files(folder: str | Path, n: int = TEMPLATE_SAMPLE) -> Template | None:
+    """The template of ``n`` images spread evenly over a folder's sorted file names."""
+    paths = sorted(Path(folder).iterdir())
+    picks = np.unique(np.linspace(0, len(paths) - 1, n).round().astype(int)) if paths else []
+    return measure_template(Image.open(paths[i]) for i in picks)
+
+
+def prepared_sample(split_path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` preprocessed images (N x S x S x 3) of a prepared split and their ages
+    (prepare shuffles the rows, so the first are a sample)."""
+    fs, inner = storage.filesystem(split_path)
+    if fs.get_file_info(inner).type == pyarrow.fs.FileType.NotFound:
+        raise MissingInput(f"{split_path}: no such prepared split")
+    table = pa_ds.dataset(inner, filesystem=fs, format="parquet").head(n, columns=["image", "age"])
+    column = table.column("image").combine_chunks()
+    storage_array = column.storage if isinstance(column, pa.ExtensionArray) else column
+    flat = storage_array.flatten().to_numpy(zero_copy_only=False)
+    side = math.isqrt(len(flat) // max(1, len(column)) // 3)
+    return flat.reshape(-1, side, side, 3), table.column("age").to_numpy().astype(np.float64)
+
+
+def template_from_prepared(prepared: str, n: int = TEMPLATE_SAMPLE) -> Template | None:
+    """The template of ``n`` training images of a prepared set (seconds: MTCNN on small crops).
+
+    None, with a warning, when facenet-pytorch is not installed or too few faces are found: the
+    predictor then aligns with ``UTKFACE_TEMPLATE``.
+    """
+    from agecore.prepare import split_dir
+
+    try:
+        detector = FaceDetector(TEMPLATE_DETECTION)
+    except ImportError:
+        log.warning("no face template measured: %s", INSTALL_HINT)
+        return None
+    images, _ = prepared_sample(split_dir(prepared, "train"), n)
+    return measure_template(images, detector)

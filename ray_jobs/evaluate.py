@@ -2,10 +2,11 @@
 
     python -m ray_jobs.evaluate --checkpoint runs/train/best --data runs/prepared --out runs/eval
     python -m ray_jobs.evaluate --checkpoint runs/train/best --data other_faces/ --out runs/eval-other
+    python -m ray_jobs.evaluate --checkpoint runs/train/best --data photos/ --out runs/eval-photos --detect-faces
 
-``--data`` takes a prepared folder (its ``--split``, default val) or anything ``prepare`` reads.
-``--attach`` stores the signed-error quantiles per age band beside the checkpoint, which the
-age-verification endpoint uses as its margin.
+``--data`` takes a prepared folder (its ``--split``: by default test where one is held out, else val)
+or anything ``prepare`` reads. ``--attach`` stores the signed-error quantiles per age band, measured on
+the validation split (never the test split), beside the checkpoint: the age-verification endpoint's margin.
 """
 
 from __future__ import annotations
@@ -20,21 +21,37 @@ from agecore import storage
 from agecore.checkpoint import read_meta
 from agecore.config import FORMATS
 from agecore.datasets import read_records, validate_labels
-from agecore.evaluate import attach_calibration, build_report, calibration
+from agecore.errors import InvalidInput
+from agecore.evaluate import build_report, choose_calibration
+from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
-from agecore.prepare import split_dir
+from agecore.prepare import resolve_split, split_dir
 from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, read_parquet, setup_logging
 
 log = logging.getLogger("ray_jobs.evaluate")
 
 
+def most_confident_face(rows: pd.DataFrame) -> pd.DataFrame:
+    """Face rows (several per photo) -> one row per photo: its most confident face, or its one
+    no-face or unusable row; ``faces_found`` says how many faces the photo had."""
+    rows = rows.assign(faces_found=rows.groupby("path", sort=False)["face"].transform("count"))
+    best = rows.sort_values("face_score", ascending=False, na_position="last", kind="stable")
+    return best.drop_duplicates("path").sort_index()
+
+
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64, precision: str | None = None) -> pd.DataFrame:
-    """One row per labelled image: path, age, predicted_age, error (+ gender/race where known)."""
+                  batch_size: int = 64, precision: str | None = None, detect_faces: bool = False) -> pd.DataFrame:
+    """One row per labelled image: path, age, predicted_age, error (+ gender/race where known).
+
+    ``detect_faces``: the images are uncropped photos; each is scored by its most confident face,
+    and a photo without one keeps its row with error ``no_face: ...``.
+    """
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                      "device": "cuda" if gpu else "cpu", "precision": precision}
+                      "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces}
     if storage.exists(storage.join(data, "prepare.json")):
+        if detect_faces:
+            raise InvalidInput(f"--detect-faces needs uncropped photos; {data} is a prepared set of face crops")
         ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
         ds = ds.select_columns(keep)
@@ -45,6 +62,8 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
         ds = ray.data.from_pandas(records).repartition(max(1, len(records) // 500))
     table = ds.map_batches(BatchPredictor, fn_constructor_kwargs=predictor_args, batch_size=batch_size,
                            batch_format="numpy", **options).to_pandas()
+    if detect_faces:
+        table = most_confident_face(table).drop(columns=["face", "box"])
     if len(rejects):  # bad labels are reported as unscored rows, not dropped
         table = pd.concat([table, pd.DataFrame({"path": rejects["path"], "age": float("nan"),
                                                 "predicted_age": float("nan"),
@@ -52,22 +71,30 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
     return table.drop(columns=["image"], errors="ignore").reset_index(drop=True)
 
 
-def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str = "val", attach: bool = False,
-             gpu: bool = False, address: str | None = None, precision: str | None = None) -> dict:
+def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str | None = None, attach: bool = False,
+             gpu: bool = False, address: str | None = None, precision: str | None = None,
+             detect_faces: bool = False) -> dict:
+    """Report on ``split`` of a prepared set (default: test where held out, else val) or on labelled
+    images; with ``detect_faces``, on labelled uncropped photos (one face each, the most confident)."""
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
+    if detect_faces:
+        require_mtcnn()  # and so does a missing face detector
+    split = resolve_split(data, split)
     init_ray(address)
-    table = predict_table(checkpoint, data, fmt, split, gpu, precision=precision)
+    table = predict_table(checkpoint, data, fmt, split or "val", gpu, precision=precision, detect_faces=detect_faces)
+
+    def validation() -> pd.DataFrame:  # the calibration set: never the test split being reported
+        return table if split == "val" else predict_table(checkpoint, data, fmt, "val", gpu, precision=precision)
+
+    cal, note = choose_calibration(checkpoint, data, split, table, validation if split else None, attach)
     with storage.output_dir(out) as local:
         table.to_parquet(local / "predictions.parquet", index=False)
-        report = build_report(table, local, meta)
+        report = build_report(table, local, meta, split=split, calibration=cal, calibration_note=note)
     m = report["metrics"]
-    log.info("MAE %.3f  RMSE %.3f  CS@5 %.1f%%  bias %+.2f on %d images (%d unscored); report in %s",
-             m["mae"], m["rmse"], 100 * m["cs@5"], m["bias"], report["scored"], report["unscored"], out)
-    if attach:
-        scored = table[table["error"] == ""]
-        path = attach_calibration(checkpoint, calibration(scored["age"].to_numpy(), scored["predicted_age"].to_numpy()),
-                                  source=f"{data} ({split})")
-        log.info("error quantiles per age band attached: %s", path)
+    log.info("%s: MAE %.3f  RMSE %.3f  CS@5 %.1f%%  bias %+.2f on %d images (%d unscored); report in %s",
+             f"split {split}" if split else data, m["mae"], m["rmse"], 100 * m["cs@5"], m["bias"], report["scored"],
+             report["unscored"], out)
+    log.info("verification figures: calibration %s", note)
     return report
 
 
@@ -78,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared folder, labels.csv folder, UTKFace folder or manifest")
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
+    p.add_argument("--split", default=None,
+                   help="split of a prepared folder (default: test where one is held out, else val)")
     p.add_argument("--attach", action="store_true", help="store error quantiles beside the checkpoint")
     p.add_argument("--gpu", action="store_true")
     add_precision_argument(p)
+    p.add_argument("--detect-faces", action="store_true",
+                   help="uncropped photos: score each by its most confident face (MTCNN, aligned like the "
+                        "training crops); photos without a face are counted and listed (no_face.csv)")
     p.add_argument("--address", default=None)
     return p
 
@@ -90,8 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return evaluate(args.checkpoint, args.data, args.out, args.format, args.split, args.attach, args.gpu, args.address,
-                    args.precision)
+                    args.precision, args.detect_faces)
 
 
 if __name__ == "__main__":
-    main()
+    from ray_jobs.cli import run_stage
+
+    run_stage("evaluate")

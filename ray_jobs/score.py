@@ -9,8 +9,8 @@ a ``path`` column, or a URI that pyarrow opens. ``--out`` is a Parquet data set 
 part files) with ``path``, ``predicted_age`` (null where the image is unusable) and ``error``.
 
 The inputs should be face crops like the training images. For uncropped photos,
-``--detect-faces`` finds the faces first (MTCNN, from facenet-pytorch) and writes one row per
-face instead, adding ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels) and
+``--detect-faces`` finds the faces first (MTCNN, from facenet-pytorch), aligns each by its five
+landmarks like the training crops (``agecore.faces``) and writes one row per face instead, adding ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels) and
 ``face_score``; a photo without a face gets one row with error ``no_face: ...``.
 
 Resumable: parts are written atomically as results stream in; a rerun over the same input and
@@ -59,7 +59,7 @@ def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
 
 
 def done_paths(out: str, schema: pa.Schema | None = None) -> set[str]:
-    """Paths already scored by earlier runs into ``out`` (read from the part files' path column).
+    """Paths already scored by previous runs into ``out`` (read from the part files' path column).
 
     With ``schema``, a part written with other columns (with and without ``--detect-faces``) is
     refused: the two kinds of rows do not mix in one data set.
@@ -213,4 +213,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ray_jobs.cli import run_stage
+
+    run_stage("score")

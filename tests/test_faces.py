@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from agecore.config import FaceDetection
-from agecore.faces import FaceDetector, square_box
+from agecore.faces import UTKFACE_TEMPLATE, FaceDetector, align
 from agecore.predictor import Predictor
 from ray_jobs.score import _whole_photos, score
 from tests.conftest import free_port, subset, tiny_checkpoint
@@ -77,9 +77,9 @@ def test_detector_finds_the_pasted_faces_and_none_on_a_plain_photo(photos):
     faces = detector.detect(two)
     assert len(faces) == 2 and all(f.score >= 0.9 for f in faces)
     for face, where in zip(faces, pasted["two.jpg"], strict=True):  # left to right, as pasted
-        assert iou(face.box, where) > 0.5
-        crop = detector.crop(two, face)
-        assert crop.width == crop.height and iou(square_box(face.box, 0.05), where) > 0.6
+        assert iou(face.box, where) > 0.5 and len(face.landmarks) == 5
+        (lx, ly), (rx, ry) = face.landmarks[:2]  # the eyes: inside the box, left of right, about level
+        assert where[0] < lx < rx < where[2] and abs(ly - ry) < 0.05 * (where[2] - where[0])
     assert detector.detect(Image.open(folder / "plain.jpg").convert("RGB")) == []
 
 
@@ -91,9 +91,10 @@ def test_predict_faces_gives_one_entry_per_face_through_the_shared_path(photos, 
     found = predictor.predict_faces((folder / "two.jpg").read_bytes())
     assert [sorted(f) for f in found] == [["age", "box", "face_score"]] * 2
     assert all(len(f["box"]) == 4 and np.isfinite(f["age"]) for f in found)
-    # the same age as predicting the crop by hand: detection only chooses the pixels
+    # the same age as aligning the face by hand: detection and alignment only choose the pixels
     photo = Image.open(folder / "two.jpg").convert("RGB")
-    crop = predictor.face_detector.crop(photo, predictor.face_detector.detect(photo)[1])
+    face = predictor.face_detector.detect(photo)[1]
+    crop = align(photo, face.landmarks, UTKFACE_TEMPLATE, predictor.prep.input_size)
     assert predictor.predict([crop])[0] == pytest.approx(found[1]["age"], abs=1e-4)
     assert predictor.predict_faces(Image.open(folder / "plain.jpg")) == []
 
