@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
-FORMATS = ("auto", "labels-csv", "utkface", "manifest")
-MODES = ("finetune", "partial", "frozen")
-LOSSES = ("l1", "smooth_l1")
-SCHEDULES = ("cosine", "plateau", "constant")
+from agecore.errors import InvalidInput
+
+# Each choice list is written once, as a type: the command lines take their choices from these too.
+Format = Literal["auto", "labels-csv", "utkface", "manifest"]
+Mode = Literal["finetune", "partial", "frozen"]
+Loss = Literal["l1", "smooth_l1"]
+Schedule = Literal["cosine", "plateau", "constant"]
+Optimizer = Literal["adam", "adamw"]
+Pretrained = Literal["hub", "file", "none"]
+FORMATS: tuple[str, ...] = get_args(Format)
+MODES: tuple[str, ...] = get_args(Mode)
+LOSSES: tuple[str, ...] = get_args(Loss)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+PRETRAINED: tuple[str, ...] = get_args(Pretrained)
 
 MAX_AGE = 120.0
 
@@ -25,7 +36,7 @@ T = TypeVar("T")
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise InvalidInput(message)
 
 
 class _Serializable:
@@ -46,19 +57,25 @@ class _Serializable:
 
 @dataclass(frozen=True)
 class PrepareConfig(_Serializable):
-    """How labelled images become a validated, split, preprocessed Parquet set."""
+    """How labelled images become a validated, split, preprocessed Parquet set.
 
-    data: str
-    out: str
-    format: str = "auto"
-    image_size: int = 224
-    val_fraction: float = 0.15
-    test_fraction: float = 0.0
-    seed: int = 0
-    strict: bool = False
-    min_side: int = 32
-    max_pixels: int = 40_000_000
-    max_age: float = MAX_AGE
+    The test split is held out by default: training, early stopping, tuning and calibration read
+    train and val only, so the figures ``age evaluate`` reports on it are of unseen faces.
+    """
+
+    data: str = field(metadata={"help": "labels.csv folder, UTKFace folder, or manifest .csv/.parquet (path or URI)"})
+    out: str = field(metadata={"help": "output folder or URI for Parquet shards, rejects.csv and report/"})
+    format: Format = field(default="auto", metadata={"help": "layout of --data; auto tells the three apart"})
+    image_size: int = field(default=224, metadata={"help": "side in pixels of the stored square images"})
+    val_fraction: float = field(default=0.15, metadata={"help": "share for early stopping and calibration"})
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "share held out for `age evaluate`, never read by training (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seed of the shuffle and the split"})
+    strict: bool = field(default=False, metadata={"help": "fail on any rejected row"})
+    min_side: int = field(default=32, metadata={"help": "images with a shorter side (pixels) are rejected"})
+    max_pixels: int = field(
+        default=40_000_000, metadata={"help": "images with more pixels are rejected (a guard against decompression bombs)"})
+    max_age: float = field(default=MAX_AGE, metadata={"help": "labels above this age (years) are rejected"})
 
     def __post_init__(self) -> None:
         _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
@@ -77,18 +94,22 @@ class PrepareConfig(_Serializable):
 class ModelConfig(_Serializable):
     """Backbone + the reference head: pool -> Linear -> ReLU -> Dropout -> Linear(1)."""
 
-    backbone: str = "resnet50"
-    pretrained: Literal["hub", "file", "none"] = "hub"
-    pretrained_file: str | None = None
-    hidden: int = 256
-    dropout: float = 0.3
+    backbone: str = field(default="resnet50", metadata={"help": "any timm model name"})
+    pretrained: Pretrained = field(
+        default="hub", metadata={"help": "ImageNet weights from the hub, a local file, or none (random)"})
+    pretrained_file: str | None = field(
+        default=None, metadata={"help": "local ImageNet weights (.safetensors/.pth)"})
+    hidden: int = field(default=256, metadata={"help": "width of the head's hidden layer"})
+    dropout: float = field(default=0.3, metadata={"help": "dropout before the head's last layer"})
     # Ages are regressed as (age - target_mean) / target_scale; stored so predictions come back in years.
-    target_mean: float = 33.0
-    target_scale: float = 20.0
+    target_mean: float = field(
+        default=33.0, metadata={"help": "age subtracted from the targets (set from the training split)"})
+    target_scale: float = field(
+        default=20.0, metadata={"help": "divisor of the centred targets (set from the training split)"})
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must name a timm model")
-        _check(self.pretrained in ("hub", "file", "none"), f"pretrained must be hub|file|none, got {self.pretrained!r}")
+        _check(self.pretrained in PRETRAINED, f"pretrained must be one of {PRETRAINED}, got {self.pretrained!r}")
         _check(
             (self.pretrained == "file") == (self.pretrained_file is not None),
             "pretrained='file' goes with pretrained_file, and only then",
@@ -102,29 +123,36 @@ class ModelConfig(_Serializable):
 class TrainConfig(_Serializable):
     """Optimisation, early stopping and the CPU short-cuts (frozen / partial)."""
 
-    mode: str = "finetune"
-    epochs: int = 20
-    patience: int = 4
-    min_delta: float = 0.02
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    optimizer: Literal["adam", "adamw"] = "adamw"
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    batch_size: int = 64
-    loss: str = "l1"
-    workers: int = 1
-    gpu: bool = False
-    seed: int = 0
-    # partial mode: how many backbone stages run once and are cached (the rest is fine-tuned)
-    cut_stage: int | None = None
-    # training-time augmentation (train split only)
-    flip: bool = True
-    random_crop_scale: tuple[float, float] = (0.8, 1.0)
-    color_jitter: float = 0.2
-    # test-time augmentation used for validation metrics and stored as the predictor default
-    tta_flip: bool = True
-    keep_checkpoints: int = 2
+    mode: Mode = field(default="finetune", metadata={"help": (
+        "finetune: the whole network on images; partial: the top stages on cached activations; "
+        "frozen: the head alone on cached embeddings")})
+    epochs: int = field(default=20, metadata={"help": "most epochs to run"})
+    patience: int = field(default=4, metadata={"help": "epochs without improvement before early stopping"})
+    min_delta: float = field(
+        default=0.02, metadata={"help": "smallest fall in validation MAE (years) that counts as improvement"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay of the optimiser"})
+    optimizer: Optimizer = field(default="adamw", metadata={"help": "optimiser"})
+    schedule: Schedule = field(
+        default="cosine", metadata={"help": "learning-rate schedule after the warm-up"})
+    warmup_epochs: float = field(
+        default=1.0, metadata={"help": "epochs of linear learning-rate warm-up (fractions allowed)"})
+    batch_size: int = field(default=64, metadata={"help": "training images per worker and step"})
+    loss: Loss = field(default="l1", metadata={"help": "training loss on the standardised age"})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel)"})
+    gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the initial head, the shuffles and the augmentation"})
+    cut_stage: int | None = field(
+        default=None, metadata={"help": "partial mode: backbone stages run once and cached (default: all but the top)"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flips of training images"})
+    random_crop_scale: tuple[float, float] = field(
+        default=(0.8, 1.0), metadata={"help": "area range (lo hi) of random training crops"})
+    color_jitter: float = field(
+        default=0.2, metadata={"help": "strength of random brightness/contrast/saturation changes in training"})
+    tta_flip: bool = field(
+        default=True, metadata={"help": "validate on the average of each face and its mirror image (the predictor's default)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept, by lowest validation MAE"})
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
@@ -133,7 +161,7 @@ class TrainConfig(_Serializable):
         _check(self.min_delta >= 0, f"min_delta must be >= 0, got {self.min_delta}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.optimizer in ("adam", "adamw"), f"optimizer must be adam|adamw, got {self.optimizer!r}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -158,8 +186,17 @@ class Preprocessing(_Serializable):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    # where the training crops have their five face landmarks, (x, y) in the unit square of a crop
+    # (``agecore.faces.measure_template``): detected faces are aligned onto it; None: the UTKFace layout
+    face_template: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.face_template is not None:  # JSON gives lists: frozen and hashable as tuples
+            object.__setattr__(self, "face_template", tuple(tuple(float(v) for v in p) for p in self.face_template))
+            _check(
+                len(self.face_template) == 5 and all(len(p) == 2 and -1 < v < 2 for p in self.face_template for v in p),
+                f"face_template must be five (x, y) points near the unit square, got {self.face_template}",
+            )
         _check(self.input_size >= 16, f"input_size must be >= 16, got {self.input_size}")
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values")
         _check(all(s > 0 for s in self.std), "std values must be > 0")
@@ -171,22 +208,26 @@ class Preprocessing(_Serializable):
 
 @dataclass(frozen=True)
 class FaceDetection(_Serializable):
-    """How faces are found in uncropped photos and framed like the training crops.
+    """How faces are found in uncropped photos (each is then aligned like the training crops).
 
-    ``margin`` widens the square around each detection: MTCNN's box covers brow to chin, about
-    85% x 100% of a UTKFace chip, so a square of the box's longer side reproduces the chips.
+    MTCNN runs on a copy of the photo scaled to ``working_size`` on its longer side, and looks for
+    faces down to ``min_fraction`` of the photo's shorter side (or ``min_size`` pixels, where that
+    is larger): what it costs is set by the smallest face it looks for. Faces under ``min_size``
+    pixels of the photo are dropped: too little detail for an age estimate.
 
     >>> FaceDetection(min_score=1.5)
     Traceback (most recent call last):
     ...
-    ValueError: min_score must be in (0, 1], got 1.5
+    agecore.errors.InvalidInput: min_score must be in (0, 1], got 1.5
     """
 
     min_score: float = 0.9
     min_size: int = 20
-    margin: float = 0.05
+    min_fraction: float = 0.1
+    working_size: int = 640
 
     def __post_init__(self) -> None:
         _check(0.0 < self.min_score <= 1.0, f"min_score must be in (0, 1], got {self.min_score}")
         _check(self.min_size >= 12, f"min_size must be >= 12 pixels (MTCNN's smallest window), got {self.min_size}")
-        _check(0.0 <= self.margin <= 1.0, f"margin must be in [0, 1], got {self.margin}")
+        _check(0.0 <= self.min_fraction < 1.0, f"min_fraction must be in [0, 1), got {self.min_fraction}")
+        _check(self.working_size >= 64, f"working_size must be >= 64 pixels, got {self.working_size}")

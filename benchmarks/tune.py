@@ -22,7 +22,7 @@ import pandas as pd
 from agecore.config import ModelConfig, TrainConfig
 from ray_jobs.common import setup_logging
 from ray_jobs.train import setup_run, train
-from ray_jobs.tune import build_parser, tune_run
+from ray_jobs.tune import main as tune_main
 
 
 def main() -> None:
@@ -50,11 +50,11 @@ def main() -> None:
     base_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    table = tune_run(build_parser().parse_args([
+    table = tune_main([
         "--prepared", args.prepared, "--out", str(out / "search"), "--samples", str(args.samples),
         "--mode", "frozen", "--backbone", args.backbone, "--pretrained-file", args.pretrained_file,
         "--epochs", str(args.epochs),
-    ]))
+    ])
     tune_seconds = time.perf_counter() - start
     best = table.iloc[0]
     finished = table[table["status"] == "OK"]

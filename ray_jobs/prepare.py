@@ -13,11 +13,12 @@ import pandas as pd
 import ray
 
 from agecore import storage
-from agecore.config import FORMATS, PrepareConfig
+from agecore.config import ModelConfig, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.model import default_preprocessing
 from agecore.prepare import attach_split, decode_batch, plan_splits, write_report
 from ray_jobs.common import init_ray, setup_logging
+from ray_jobs.options import add_config_arguments, config_from_args, override_defaults
 
 log = logging.getLogger("ray_jobs.prepare")
 
@@ -77,22 +78,20 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
         {s: v["count"] for s, v in summary["splits"].items()}, summary["images_per_second"] or 0,
         storage.join(out, "report"),
     )
+    for warning in summary["warnings"]:
+        log.warning(warning)
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``age prepare``'s options: one per ``PrepareConfig`` field, the backbone and the Ray address."""
     p = argparse.ArgumentParser(prog="age prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="labels.csv folder, UTKFace folder, or manifest .csv/.parquet (path or URI)")
-    p.add_argument("--out", required=True, help="output folder or URI for Parquet shards, rejects.csv and report/")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--backbone", default="resnet50", help="timm model whose data config sets the image size")
-    p.add_argument("--image-size", type=int, default=None, help="override the backbone's input size")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="fail on any rejected row")
+    add_config_arguments(p, PrepareConfig)
+    p.add_argument("--backbone", default=ModelConfig.backbone,
+                   help="timm model whose data config sets the image size and interpolation (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    override_defaults(p, {"image_size": (None, "the backbone's input size")})
     return p
 
 
@@ -100,13 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     prep = default_preprocessing(args.backbone)
-    cfg = PrepareConfig(
-        data=storage.absolute(args.data), out=args.out, format=args.format,
-        image_size=args.image_size or prep.input_size, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
-    )
+    cfg = config_from_args(PrepareConfig, args, data=storage.absolute(args.data),
+                           image_size=args.image_size or prep.input_size)
     return prepare(cfg, prep.interpolation, args.address)
 
 
 if __name__ == "__main__":
-    main()
+    from ray_jobs.cli import run_stage
+
+    run_stage("prepare")

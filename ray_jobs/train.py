@@ -3,13 +3,15 @@
     python -m ray_jobs.train --prepared runs/prepared --out runs/train-1
     python -m ray_jobs.train --prepared runs/prepared --out runs/train-2 \\
         --backbone tf_efficientnet_lite0 --pretrained-file lite0.pth --mode partial
+    python -m ray_jobs.train --config runs/train-2/config.json --out runs/train-3 --lr 1e-3
 
 Modes: ``finetune`` trains the whole network on images (GPUs); ``partial`` runs the lower
 stages once, caches their output, and fine-tunes the top stages and the head (the CPU
 default); ``frozen`` caches pooled embeddings and trains the head alone (seconds an epoch).
 
 Outputs under OUT: ``best/`` (the checkpoint with the lowest validation MAE), ``metrics.csv``,
-``curves.png``, ``config.json``, and Ray Train's own run folder ``ray_train/``.
+``curves.png``, ``config.json``, and Ray Train's own run folder ``ray_train/``. ``--config`` takes
+a run's ``config.json`` as the defaults: that run again, with any option given overriding it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
 
 from agecore import plots, storage
 from agecore.checkpoint import TRAIN_STATE, load_train_state, read_meta, save_checkpoint
-from agecore.config import MODES, ModelConfig, Preprocessing, TrainConfig
+from agecore.config import ModelConfig, Preprocessing, TrainConfig
+from agecore.errors import InvalidInput
+from agecore.faces import template_from_prepared
 from agecore.model import (
     create_model,
     default_cut_stage,
@@ -59,10 +64,14 @@ from agecore.training import (
     train_epoch,
 )
 from ray_jobs.common import init_ray, model_actor_options, read_parquet, setup_logging
+from ray_jobs.options import add_config_arguments, config_from_args, parse_with_config
+from ray_jobs.progress import EpochProgress, send
 
 log = logging.getLogger("ray_jobs.train")
 
 RUN_NAME = "ray_train"
+# set from the weights options, or from the prepared set's ages (``setup_run``)
+MODEL_FIELDS_NOT_OPTIONS = ("pretrained", "pretrained_file", "target_mean", "target_scale")
 
 
 # ---- inside each Ray Train worker -----------------------------------------------------------------
@@ -145,8 +154,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8, drop_last=True,
             local_shuffle_seed=cfg.seed + epoch * 1000 + rank,
         )
+        on_progress = None
+        if rank == 0 and config.get("progress") is not None:
+            def on_progress(step: int, mae: float, epoch: int = epoch) -> None:
+                send(config["progress"], {"kind": "step", "epoch": epoch, "step": step, "steps": steps_per_epoch,
+                                          "train_mae": mae})
         tr = train_epoch(module, ({k: b[k] for k in columns} for b in train_batches), optimizer, schedule,
-                         criterion, inputs_for(True), device, amp)
+                         criterion, inputs_for(True), device, amp, on_progress=on_progress)
         # Validation runs on rank 0 over the whole (unsplit) validation set, on the unwrapped module so
         # that no collective is involved; the sums below carry its result to every rank.
         va_sum = va_n = va_w5 = va_sec = 0.0
@@ -173,6 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stopper.update(row["val_mae"])
         schedule.epoch_end(row["val_mae"])
         metrics = {**row, "best_val_mae": stopper.best, "stopped": stopper.should_stop}
+        if rank == 0:
+            send(config.get("progress"), {"kind": "epoch", "row": metrics})
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -283,7 +299,9 @@ def setup_run(
     model_cfg = dataclasses.replace(model_cfg, target_mean=round(ages["mean"], 2),
                                     target_scale=round(max(ages["std"], 1.0), 2))
     default_prep = default_preprocessing(model_cfg.backbone)
-    prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"])
+    # the landmark layout of the training crops, onto which detected faces are aligned at inference
+    prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"],
+                         face_template=template_from_prepared(prepared))
     with torch.random.fork_rng():  # one seed, one initial network: reproducible, and the feature cache is reused
         torch.manual_seed(cfg.seed)
         model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
@@ -321,15 +339,19 @@ def make_trainer(
     model_cfg: ModelConfig | None = None,
     cfg: TrainConfig | None = None,
     callbacks: list | None = None,
+    progress: Queue | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer over ``setup``; ``model_cfg``/``cfg`` replace its configs (a tuning trial's values)."""
+    """A TorchTrainer over ``setup``; ``model_cfg``/``cfg`` replace its configs (a tuning trial's values).
+
+    ``progress`` is the queue of an ``EpochProgress`` that draws the epochs on the driver.
+    """
     model_cfg = model_cfg or setup.model_cfg
     cfg = cfg or setup.cfg
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "model": model_cfg.to_dict(), "train": cfg.to_dict(), "preprocessing": setup.prep.to_dict(),
-            "initial_weights": setup.initial_weights, "train_rows": setup.train_rows,
+            "initial_weights": setup.initial_weights, "train_rows": setup.train_rows, "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": setup.cpus_per_worker}
@@ -370,14 +392,16 @@ def train(
     out, prepared = storage.absolute(out), storage.absolute(prepared)
     run_dir = storage.absolute(storage_path or out)  # Ray Train's own folder: local, shared or a URI
     if storage.exists(storage.join(run_dir, RUN_NAME)) and not resume:
-        raise FileExistsError(f"{storage.join(run_dir, RUN_NAME)} holds an earlier run: pass --resume to continue "
+        raise FileExistsError(f"{storage.join(run_dir, RUN_NAME)} holds a previous run: pass --resume to continue "
                               "it, or choose another --out")
     setup = setup_run(prepared, model_cfg, cfg, cpus_per_worker=cpus_per_worker, cache_dir=cache_dir, address=address)
     with storage.output_dir(out) as out_path:  # OUT itself, or a staging folder uploaded to a URI at the end
         (out_path / "config.json").write_text(json.dumps(
             {"prepared": prepared, "model": setup.model_cfg.to_dict(), "train": setup.cfg.to_dict(),
              "preprocessing": setup.prep.to_dict()}, indent=2) + "\n")
-        best = finish(make_trainer(setup, run_dir).fit(), out_path)
+        with EpochProgress(setup.cfg.epochs) as progress:
+            result = make_trainer(setup, run_dir, progress=progress.queue).fit()
+        best = finish(result, out_path)
         if attach:
             from ray_jobs.evaluate import evaluate
 
@@ -412,62 +436,77 @@ def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
     return {k: v for k, v in meta["metrics"].items() if k != "history"}
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """``--config``, ``--prepared`` and an option per ``ModelConfig``/``TrainConfig`` field, less ``exclude``.
+
+    The weights are one setting with two options: ``--pretrained-file FILE`` or ``--no-pretrained``
+    (neither: the hub's). Both write ``args.weights``, so a ``--config`` file's choice can be overridden.
+    """
+    parser.add_argument("--config", metavar="CONFIG_JSON",
+                        help="a run's config.json: its settings become the defaults; options given override them")
+    parser.add_argument("--prepared", required=True, help="output folder of `age prepare`")
+    model = parser.add_argument_group("model")
+    add_config_arguments(model, ModelConfig, exclude=(*MODEL_FIELDS_NOT_OPTIONS, *exclude))
+    weights = model.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained-file", dest="weights", default=None, metavar="FILE",
+                         help=ModelConfig.__dataclass_fields__["pretrained_file"].metadata["help"])
+    weights.add_argument("--no-pretrained", dest="weights", action="store_const", const=False,
+                         help="start from random weights (much worse)")
+    add_config_arguments(parser.add_argument_group("training"), TrainConfig, exclude=exclude,
+                         rename={"tta_flip": "tta"})
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the run's Ray pieces live and what each worker reserves."""
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs each worker reserves (default: all but one CPU, shared by the workers, at most 4)")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder or URI (default: PREPARED/cache)")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """``age train``'s options: the configs' fields, then the run's own."""
     p = argparse.ArgumentParser(prog="age train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", required=True, help="output folder of `age prepare`")
-    p.add_argument("--out", required=True, help="run folder or URI: best/, metrics.csv, curves.png")
-    p.add_argument("--backbone", default=ModelConfig.backbone, help="any timm model name")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--pretrained-file", default=None, help="local ImageNet weights (.safetensors/.pth)")
-    w.add_argument("--no-pretrained", action="store_true", help="start from random weights (much worse)")
-    p.add_argument("--mode", default=d.mode, choices=MODES)
-    p.add_argument("--cut-stage", type=int, default=None, help="partial mode: stages cached (default: all but the top)")
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--min-delta", type=float, default=d.min_delta)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "adamw"))
-    p.add_argument("--schedule", default=d.schedule, choices=("cosine", "plateau", "constant"))
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--dropout", type=float, default=ModelConfig.dropout)
-    p.add_argument("--hidden", type=int, default=ModelConfig.hidden)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--loss", default=d.loss, choices=("l1", "smooth_l1"))
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-tta", action="store_true", help="validate without the horizontal-flip average")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
-    p.add_argument("--no-attach", action="store_true",
-                   help="skip scoring best/ on the validation split (error quantiles for age verification)")
-    p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default OUT; s3:// works)")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder or URI (default PREPARED/cache)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    add_training_arguments(p)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="run folder or URI: best/, metrics.csv, curves.png, config.json")
+    run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    run.add_argument("--no-attach", action="store_true",
+                     help="skip scoring best/ on the validation split (error quantiles for age verification)")
+    run.add_argument("--storage-path", default=None,
+                     help="where Ray Train keeps checkpoints (default: OUT; a folder or a URI)")
+    add_ray_arguments(run)
     return p
 
 
+def defaults_from_run(saved: dict[str, Any]) -> dict[str, Any]:
+    """The option values that rerun the run whose ``config.json`` is ``saved``."""
+    missing = [k for k in ("prepared", "model", "train") if k not in saved]
+    if missing:
+        raise InvalidInput(f"--config: not a training run's config.json (no {', '.join(missing)})")
+    model_cfg, cfg = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
+    weights = {"hub": None, "file": model_cfg.pretrained_file, "none": False}[model_cfg.pretrained]
+    return {**model_cfg.to_dict(), **cfg.to_dict(), "prepared": saved["prepared"], "weights": weights}
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    if args.pretrained_file:
-        pretrained, file = "file", str(Path(args.pretrained_file).resolve())
+    """The configs the parsed options describe (``args.weights``: None hub, False none, else a file)."""
+    if args.weights is None or args.weights is False:
+        pretrained, file = ("hub" if args.weights is None else "none"), None
     else:
-        pretrained, file = ("none" if args.no_pretrained else "hub"), None
-    model_cfg = ModelConfig(backbone=args.backbone, pretrained=pretrained, pretrained_file=file,
-                            hidden=args.hidden, dropout=args.dropout)
-    cfg = TrainConfig(
-        mode=args.mode, epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, lr=args.lr,
-        weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, loss=args.loss, workers=args.workers,
-        gpu=args.gpu, seed=args.seed, cut_stage=args.cut_stage, tta_flip=not args.no_tta,
-    )
-    return model_cfg, cfg
+        pretrained, file = "file", str(Path(args.weights).resolve())
+    return (config_from_args(ModelConfig, args, pretrained=pretrained, pretrained_file=file),
+            config_from_args(TrainConfig, args))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``age train``'s options, read over a ``--config`` file where one is given."""
+    return parse_with_config(build_parser(), argv, defaults_from_run)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging()
     model_cfg, cfg = configs_from_args(args)
     return train(args.prepared, args.out, model_cfg, cfg, resume=args.resume, attach=not args.no_attach,
@@ -476,4 +515,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from ray_jobs.cli import run_stage
+
+    run_stage("train")

@@ -15,23 +15,84 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.fs
 import ray
-from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray import tune as ray_tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from agecore import plots, storage
-from agecore.config import MODES, ModelConfig, TrainConfig
+from agecore.config import ModelConfig, TrainConfig
+from agecore.errors import InvalidInput
 from ray_jobs.common import setup_logging
-from ray_jobs.train import RunSetup, export_best, make_trainer, setup_run
+from ray_jobs.options import add_config_arguments, config_from_args, override_defaults, parse_with_config
+from ray_jobs.train import (
+    RunSetup,
+    add_ray_arguments,
+    add_training_arguments,
+    configs_from_args,
+    defaults_from_run,
+    export_best,
+    make_trainer,
+    setup_run,
+)
 
 log = logging.getLogger("ray_jobs.tune")
 
 SEARCH_NAME = "search"
+# the training options whose values the search draws: a fixed --lr or --dropout would be overridden
+SEARCHED = ("lr", "dropout")
+# what each trial's workers reserve where the caller gives nothing: small, so that trials run side by side
+TRIAL_CPUS_PER_WORKER = 0.5
+# `age tune`'s own defaults for training options, each with the reason a search needs it
+TUNE_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "mode": ("frozen", "so that a trial's epoch takes seconds"),
+    "epochs": (12, "also ASHA's max_t, the longest a trial runs"),
+    "keep_checkpoints": (1, "a trial keeps its best checkpoint only"),
+    "cpus_per_worker": (TRIAL_CPUS_PER_WORKER, "so that trials run side by side"),
+}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What Ray Tune draws for each trial, how many trials, and when ASHA may stop one.
+
+    A grid (``dropouts``, ``lrs``) replaces its range; every grid point is run ``samples`` times.
+    Grid values are not checked here: a bad one fails its own trial, which is recorded.
+    """
+
+    samples: int = field(default=16, metadata={"help": "trials drawn (with a grid: runs of each grid point)"})
+    dropout_range: tuple[float, float] = field(
+        default=(0.0, 0.7), metadata={"help": "dropout drawn uniformly from LO HI"})
+    lr_range: tuple[float, float] = field(
+        default=(1e-5, 1e-2), metadata={"help": "learning rate drawn log-uniformly from LO HI"})
+    dropouts: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "grid of dropouts instead of --dropout-range"})
+    lrs: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "grid of learning rates instead of --lr-range"})
+    weight_decay_range: tuple[float, float] | None = field(
+        default=None, metadata={"help": "weight decay drawn log-uniformly from LO HI (default: --weight-decay for every trial)"})
+    batch_sizes: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "batch sizes to choose from (default: --batch-size for every trial)"})
+    grace: int = field(default=2, metadata={"help": "epochs every trial runs before ASHA may stop it"})
+    concurrent: int | None = field(
+        default=None, metadata={"help": "trials at once (default: as many as the CPUs or GPUs allow)"})
+
+    def __post_init__(self) -> None:
+        for name in ("dropout_range", "lr_range", "weight_decay_range"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
+                raise InvalidInput(f"{name} must be LO <= HI, got {lo_hi}")
+        for name in ("lr_range", "weight_decay_range"):  # drawn on a log scale
+            if getattr(self, name) is not None and getattr(self, name)[0] <= 0:
+                raise InvalidInput(f"{name} must be above 0, got {getattr(self, name)}")
+        for name in ("samples", "grace", "concurrent"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def run_trial(config: dict[str, Any], setup: RunSetup, trials_dir: str) -> None:
@@ -43,7 +104,7 @@ def run_trial(config: dict[str, Any], setup: RunSetup, trials_dir: str) -> None:
     model_cfg = ModelConfig.from_dict({**setup.model_cfg.to_dict(), "dropout": config["dropout"]})
     overrides = {k: config[k] for k in ("lr", "weight_decay", "batch_size") if k in config}
     cfg = TrainConfig.from_dict({**setup.cfg.to_dict(), **overrides})
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = ray_tune.get_context().get_trial_id()
     trainer = make_trainer(setup, trials_dir, name=f"trial_{trial_id}", model_cfg=model_cfg, cfg=cfg,
                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
@@ -51,94 +112,117 @@ def run_trial(config: dict[str, Any], setup: RunSetup, trials_dir: str) -> None:
         raise result.error
 
 
-def search_space(args: argparse.Namespace) -> dict[str, Any]:
+def search_space(search: SearchConfig) -> dict[str, Any]:
+    """Tune's ``param_space``: dropout and learning rate always, weight decay and batch size on request."""
     space: dict[str, Any] = {
-        "dropout": tune.grid_search(args.dropouts) if args.dropouts else tune.uniform(*args.dropout_range),
-        "lr": tune.grid_search(args.lrs) if args.lrs else tune.loguniform(*args.lr_range),
+        "dropout": ray_tune.grid_search(list(search.dropouts)) if search.dropouts
+        else ray_tune.uniform(*search.dropout_range),
+        "lr": ray_tune.grid_search(list(search.lrs)) if search.lrs else ray_tune.loguniform(*search.lr_range),
     }
-    if args.weight_decay_range:
-        space["weight_decay"] = tune.loguniform(*args.weight_decay_range)
-    if args.batch_sizes:
-        space["batch_size"] = tune.choice(args.batch_sizes)
+    if search.weight_decay_range:
+        space["weight_decay"] = ray_tune.loguniform(*search.weight_decay_range)
+    if search.batch_sizes:
+        space["batch_size"] = ray_tune.choice(list(search.batch_sizes))
     return space
 
 
-def summarize(results: tune.ResultGrid, out: Path, trials_dir: str) -> pd.DataFrame:
+def _trial_row(r: ray_tune.Result) -> dict[str, Any]:
+    """One line of trials.csv: the trial's config, best validation MAE, epochs run, status, error."""
+    history = r.metrics_dataframe
+    return {
+        **{f"config/{k}": v for k, v in (r.config or {}).items()},
+        "trial": Path(r.path).name if r.path else None,
+        "status": "ERROR" if r.error else "OK",
+        "best_val_mae": float(history["val_mae"].min()) if history is not None and "val_mae" in history else None,
+        "epochs_run": len(history) if history is not None else 0,
+        "error": str(r.error).strip().splitlines()[-1][:300] if r.error else "",
+    }
+
+
+def train_result(trial: ray_tune.Result, trials_dir: str) -> ray.train.Result:
+    """The Ray Train run of a trial, found from the checkpoint path its ``TuneReportCallback`` reported."""
+    latest = trial.metrics[CHECKPOINT_PATH_KEY]  # a path on the trials' storage filesystem
+    return ray.train.Result.from_path(posixpath.dirname(latest), storage_filesystem=storage.filesystem(trials_dir)[0])
+
+
+def summarize(results: ray_tune.ResultGrid, out: Path, trials_dir: str) -> pd.DataFrame:
     """trials.csv, tune.png and best/ from a finished (or partly failed) search."""
-    rows = []
-    for r in results:
-        history = r.metrics_dataframe
-        row = {**{f"config/{k}": v for k, v in (r.config or {}).items()}}
-        row.update({
-            "trial": Path(r.path).name if r.path else None,
-            "status": "ERROR" if r.error else "OK",
-            "best_val_mae": float(history["val_mae"].min()) if history is not None and "val_mae" in history else None,
-            "epochs_run": len(history) if history is not None else 0,
-            "error": str(r.error).strip().splitlines()[-1][:300] if r.error else "",
-        })
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values("best_val_mae", na_position="last").reset_index(drop=True)
+    table = pd.DataFrame([_trial_row(r) for r in results])
+    table = table.sort_values("best_val_mae", na_position="last").reset_index(drop=True)
     table.to_csv(out / "trials.csv", index=False)
     ok = table[table["best_val_mae"].notna()]
     if ok.empty:  # the caller reports it, once trials.csv is where the user looks
         return table
     plots.tune_scatter(ok, out / "tune.png")
     winner = results.get_best_result(metric="val_mae", mode="min", scope="all", filter_nan_and_inf=True)
-    export_best(ray.train.Result.from_path(_trial_folder(trials_dir, winner)), out / "best")
+    export_best(train_result(winner, trials_dir), out / "best")
     (out / "best_config.json").write_text(json.dumps(winner.config, indent=2) + "\n")
     return table
 
 
-def _trial_folder(trials_dir: str, result: tune.Result) -> str:
-    """The Ray Train run folder (path or URI) of a trial (``run_trial`` names it after the trial id)."""
-    fs, inner = storage.filesystem(trials_dir)
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(inner)):
-        name = info.base_name
-        if name.startswith("trial_") and f"_{name.removeprefix('trial_')}_" in Path(result.path).name:
-            return storage.join(trials_dir, name)  # result.path: run_trial_<id>_<n>_<config>
-    raise FileNotFoundError(f"no Ray Train run folder in {trials_dir} for the trial {result.path}")
-
-
-def tune_run(args: argparse.Namespace) -> pd.DataFrame:
-    out = storage.absolute(args.out)  # a folder or a URI; trials' Ray Train runs are written there directly
-    trials_dir = storage.join(out, "trials")
-    if args.pretrained_file:
-        pretrained, file = "file", str(Path(args.pretrained_file).resolve())
-    else:
-        pretrained, file = ("none" if args.no_pretrained else "hub"), None
-    model_cfg = ModelConfig(backbone=args.backbone, pretrained=pretrained, pretrained_file=file)
-    cfg = TrainConfig(mode=args.mode, epochs=args.epochs, patience=args.patience, workers=args.workers,
-                      gpu=args.gpu, batch_size=args.batch_size, seed=args.seed, keep_checkpoints=1)
-    setup = setup_run(args.prepared, model_cfg, cfg, cpus_per_worker=args.cpus_per_worker, address=args.address)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = setup.cpus_per_worker * cfg.workers
+def _concurrent_trials(setup: RunSetup, search: SearchConfig) -> int:
+    """Trials at once: as given, else as many as the GPUs, or the CPUs less one per trial's input pipeline."""
+    if search.concurrent:
+        return search.concurrent
+    resources = ray.cluster_resources()
+    if setup.cfg.gpu:
+        return max(1, int(resources.get("GPU", 1) // setup.cfg.workers))
+    per_trial = setup.cpus_per_worker * setup.cfg.workers
     # each trial's input pipeline needs about a CPU of its own beside its workers, or trials starve each other
-    concurrent = args.concurrent or max(1, int((cpus - 1) // (per_trial + 1)) if not cfg.gpu else
-                                        int(ray.cluster_resources().get("GPU", 1) // cfg.workers))
+    return max(1, int((resources.get("CPU", 1) - 1) // (per_trial + 1)))
+
+
+def _tuner(setup: RunSetup, search: SearchConfig, trials_dir: str, experiment: str, resume: bool) -> ray_tune.Tuner:
+    """A new Tuner over ``setup``, or the interrupted one in ``experiment`` where ``resume`` asks for it."""
     # A trial only drives its TorchTrainer, whose workers hold the resources: a trial that held a whole
     # CPU itself would leave a small machine none for its workers, and the search would hang. (Tune
     # refuses an empty request, hence a token share.)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, trials_dir=trials_dir),
-                                    {"CPU": 0.01})
-    search_root = storage.absolute(args.storage_path or out)  # Tune's own state: a folder or a URI
-    experiment = storage.join(search_root, SEARCH_NAME)
-    if args.resume and tune.Tuner.can_restore(experiment):
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, setup=setup, trials_dir=trials_dir), {"CPU": 0.01})
+    if resume and ray_tune.Tuner.can_restore(experiment):
         log.info("resuming the search in %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
-    else:
-        if storage.exists(experiment):
-            raise FileExistsError(f"{experiment} holds an earlier search: pass --resume, or choose another --out")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(args),
-            tune_config=tune.TuneConfig(
-                metric="val_mae", mode="min", num_samples=args.samples,
-                search_alg=tune.search.BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
-                scheduler=tune.schedulers.ASHAScheduler(max_t=args.epochs, grace_period=min(args.grace, args.epochs),
+        return ray_tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
+    if storage.exists(experiment):
+        raise FileExistsError(f"{experiment} holds an earlier search: pass --resume, or choose another --out")
+    epochs = setup.cfg.epochs
+    return ray_tune.Tuner(
+        trainable,
+        param_space=search_space(search),
+        tune_config=ray_tune.TuneConfig(
+            metric="val_mae", mode="min", num_samples=search.samples,
+            search_alg=ray_tune.search.BasicVariantGenerator(random_state=setup.cfg.seed,
+                                                             max_concurrent=_concurrent_trials(setup, search)),
+            scheduler=ray_tune.schedulers.ASHAScheduler(max_t=epochs, grace_period=min(search.grace, epochs),
                                                         reduction_factor=3),
-            ),
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=search_root),
-        )
+        ),
+        run_config=ray_tune.RunConfig(name=posixpath.basename(experiment), storage_path=posixpath.dirname(experiment)),
+    )
+
+
+def tune(
+    prepared: str,
+    out: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    search: SearchConfig,
+    *,
+    resume: bool = False,
+    cpus_per_worker: float | None = TRIAL_CPUS_PER_WORKER,
+    storage_path: str | None = None,
+    cache_dir: str | None = None,
+    address: str | None = None,
+) -> pd.DataFrame:
+    """Search ``search``'s space around ``model_cfg``/``cfg``; write trials.csv, tune.png and best/ under ``out``.
+
+    Returns the trials, best first. Each trial's Ray Train run goes to ``out/trials``; Tune's own
+    state to ``storage_path/search`` (default ``out``), which ``resume`` continues.
+    """
+    out = storage.absolute(out)  # a folder or a URI; trials' Ray Train runs are written there directly
+    trials_dir = storage.join(out, "trials")
+    setup = setup_run(prepared, model_cfg, cfg, cpus_per_worker=cpus_per_worker, cache_dir=cache_dir,
+                      address=address)
+    experiment = storage.join(storage.absolute(storage_path or out), SEARCH_NAME)
+    tuner = _tuner(setup, search, trials_dir, experiment, resume)
     with storage.output_dir(out) as out_path:  # trials.csv, tune.png, best/: staged, then uploaded to a URI
         table = summarize(tuner.fit(), out_path, trials_dir)
     if table["best_val_mae"].isna().all():
@@ -152,45 +236,31 @@ def tune_run(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """Every option of ``age train`` but the searched ones, then the search's."""
     p = argparse.ArgumentParser(prog="age tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True, help="folder or URI: trials.csv, tune.png, best/, trials/")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--mode", default="frozen", choices=MODES)
-    p.add_argument("--backbone", default=ModelConfig.backbone)
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--pretrained-file", default=None)
-    w.add_argument("--no-pretrained", action="store_true")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--grace", type=int, default=2, help="epochs every trial runs before ASHA may stop it")
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dropout-range", type=float, nargs=2, default=(0.0, 0.7))
-    p.add_argument("--lr-range", type=float, nargs=2, default=(1e-5, 1e-2))
-    p.add_argument("--dropouts", type=float, nargs="+", default=None, help="grid of dropouts instead of the range")
-    p.add_argument("--lrs", type=float, nargs="+", default=None, help="grid of learning rates instead of the range")
-    p.add_argument("--weight-decay-range", type=float, nargs=2, default=None)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--storage-path", default=None,
-                   help="where Ray Tune keeps the search state (default OUT; a folder or a URI)")
-    p.add_argument("--address", default=None)
+    add_training_arguments(p, exclude=SEARCHED)
+    add_config_arguments(p.add_argument_group("search"), SearchConfig)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="folder or URI: trials.csv, tune.png, best/, trials/")
+    run.add_argument("--resume", action="store_true", help="continue the interrupted search in OUT")
+    run.add_argument("--storage-path", default=None,
+                     help="where Ray Tune keeps the search state (default: OUT; a folder or a URI)")
+    add_ray_arguments(run)
+    override_defaults(p, TUNE_DEFAULTS)
     return p
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    args = build_parser().parse_args(argv)
+    args = parse_with_config(build_parser(), argv, defaults_from_run)
     setup_logging()
-    return tune_run(args)
+    model_cfg, cfg = configs_from_args(args)
+    return tune(args.prepared, args.out, model_cfg, cfg, config_from_args(SearchConfig, args),
+                resume=args.resume, cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
+                cache_dir=args.cache_dir, address=args.address)
 
 
 if __name__ == "__main__":
-    main()
+    from ray_jobs.cli import run_stage
 
+    run_stage("tune")

@@ -9,7 +9,7 @@ import ray
 
 from agecore.checkpoint import read_meta
 from agecore.predictor import Predictor
-from ray_jobs.tune import SEARCH_NAME, build_parser, tune_run
+from ray_jobs.tune import SEARCH_NAME, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.tune]
 
@@ -17,13 +17,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.tune]
 def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_path):
     # dropout 1.5 is invalid: that trial raises inside its worker and must be recorded, not sink the search.
     # It goes first, so that a good trial takes its place at once (two run at a time).
-    args = build_parser().parse_args([
+    table = main([
         "--prepared", str(prepared_small), "--out", f"file://{tmp_path}", "--samples", "1", "--mode", "frozen",
         "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--grace", "1",
         "--dropouts", "1.5", "0.0", "0.5", "--lrs", "0.003", "--concurrent", "2", "--cpus-per-worker", "0.5",
         "--storage-path", f"file://{tmp_path}/search-state",  # outputs and Tune's own state on URIs
     ])
-    table = tune_run(args)
     saved = pd.read_csv(tmp_path / "trials.csv")
     assert len(saved) == len(table) == 3
     failed = saved[saved["status"] == "ERROR"]
