@@ -190,9 +190,8 @@ def start_service(checkpoint: str, config: Path, replicas: int, threads: int, po
     from ray_jobs.serve import age_app
 
     app_args, options, prefix, config_port = serve_settings(config)
-    app_args.update(checkpoint=checkpoint, threads=threads)
     # fixed replicas: autoscaling would change the thing being measured mid-phase
-    options.update(num_replicas=replicas, autoscaling_config=None)
+    app_args.update(checkpoint=checkpoint, threads=threads, replicas=replicas)
     # local on purpose (the load comes from this host); replica logs stay in Ray's log files
     ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
     port = port or config_port
@@ -220,8 +219,8 @@ def main() -> None:
     p.add_argument("--max-in-flight", type=int, default=256, help="open-loop cap; requests over it count as errors")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
     args = p.parse_args()
-    # On 2 cores one replica with 1 thread served more than with 2 (15.3 vs 12.3 answers/s, lite0): the
-    # other core keeps the proxy, Ray and the client off the replica's threads.
+    # a replica's threads as serve_config.yaml sets them: one per replica leaves the other cores to the
+    # proxy, Ray and the load generator.
     threads = args.threads or replica_threads(args.config)
 
     bodies = face_bodies(args.images, args.num_images)

@@ -1,4 +1,4 @@
-"""What Ray Serve's HTTP path costs on this machine without the model: latency and CPU per request.
+"""What Ray Serve's HTTP path costs without the model: latency and CPU per request.
 
     python benchmarks/serve_overhead.py [--images ../shared/data/faces/final_files]
     python benchmarks/serve_overhead.py --checkpoint runs/train/best --replicas 2   # the real service
@@ -103,7 +103,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     if args.checkpoint:
-        app = age_app({"checkpoint": args.checkpoint}, {"num_replicas": args.replicas, "autoscaling_config": None})
+        app = age_app({"checkpoint": args.checkpoint, "replicas": args.replicas})
         serve.run(app, name="age", route_prefix="/")
         what = f"The service with {args.checkpoint}, {args.replicas} replica(s)"
     else:

@@ -11,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
+from agecore.checkpoint import weights_digest
 from agecore.evaluate import attach_calibration, calibration
 from tests.conftest import free_port, jpeg_bytes, subset, tiny_checkpoint
 
@@ -196,8 +197,8 @@ def test_page_shows_the_estimate_for_an_uploaded_face(service, browser, faces_ro
 def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkpoint, tmp_path):
     """Two clients post without pause while the app rolls to another checkpoint and back."""
     other = tiny_checkpoint(tmp_path / "other", hidden=8, seed=1, val_mae=5.0, epoch=3)
-    first, second = str(serve_checkpoint.resolve()), str(other.resolve())
-    answered: list[str] = []  # model.checkpoint of each answer, in order
+    first, second = weights_digest(serve_checkpoint), weights_digest(other)
+    answered: list[str] = []  # model.weights of each answer, in order
     failures: list[str] = []
     stop = threading.Event()
 
@@ -211,7 +212,7 @@ def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkp
                     failures.append(repr(e))
                     continue
                 if r.status_code == 200:
-                    answered.append(r.json()["model"]["checkpoint"])
+                    answered.append(r.json()["model"]["weights"])
                 else:
                     failures.append(f"{r.status_code}: {r.text[:200]}")
 
@@ -238,3 +239,199 @@ def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkp
     assert failures == []
     # serve.run returns once the new replica is up; the old one drains a moment longer
     assert before == [first] * 10 and after[-10:] == [second] * 10 and back[-10:] == [first] * 10
+
+
+# -- the API as a client meets it: one refusal shape, bounded reads, schema, metrics ---------------
+
+MULTIPART_NO_BOUNDARY = {"data": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}
+BROKEN_MULTIPART = {"data": b"--b\r\nContent-Disposition: form-data\r\n\r\nx", "headers": {
+    "content-type": "multipart/form-data; boundary=b"}}
+
+
+def _parts(n: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "error"),
+    [
+        ("post", "/v1/verify?min_age=abc", {"data": b"x", "headers": {"content-type": "image/jpeg"}}, 422,
+         "invalid_parameter"),
+        ("post", "/v1/verify?min_age=101", {"data": b"x", "headers": {"content-type": "image/jpeg"}}, 422,
+         "invalid_parameter"),
+        ("post", "/v1/age?detect_faces=maybe", {"data": b"x", "headers": {"content-type": "image/jpeg"}}, 422,
+         "invalid_parameter"),
+        ("post", "/v1/age", MULTIPART_NO_BOUNDARY, 400, "bad_multipart"),
+        ("post", "/v1/age", BROKEN_MULTIPART, 400, "bad_multipart"),
+        ("post", "/v1/age/batch", {"files": _parts(2000)}, 422, "too_many_files"),
+        ("post", "/v1/age/batch", {"files": _parts(33)}, 422, "too_many_files"),
+        ("post", "/v1/age", {"files": _parts(2)}, 422, "too_many_files"),
+        ("get", "/v2/nothing", {}, 404, "not_found"),
+        ("get", "/v1/age", {}, 405, "method_not_allowed"),
+        ("delete", "/healthz", {}, 405, "method_not_allowed"),
+    ],
+)
+def test_framework_refusals_have_the_service_shape(service, method, path, kwargs, status, error):
+    from ray_jobs.serve import REFUSALS
+
+    r = requests.request(method, f"{service}{path}", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "message"} and r.json()["error"] == error and r.json()["message"]
+    assert REFUSALS[error][0] == status and r.headers["x-request-id"]
+
+
+def test_request_id_is_echoed_and_answers_name_the_model_without_a_path(service, serve_checkpoint):
+    from agecore import __version__
+    from ray_jobs.serve import MAX_FILES, ModelIdentity
+
+    r = requests.post(f"{service}/v1/age", data=face(), headers={"content-type": "image/jpeg",
+                                                                  "X-Request-ID": "client-42"}, timeout=60)
+    assert r.headers["x-request-id"] == "client-42"
+    assert requests.get(f"{service}/healthz", timeout=30).headers["x-request-id"]  # made up when not sent
+    answer = r.json()
+    assert set(answer["model"]) == set(ModelIdentity.model_fields)
+    assert answer["model"]["weights"] == weights_digest(serve_checkpoint) and answer["model"]["version"] == __version__
+    assert str(serve_checkpoint.parent) not in r.text
+    low, high = answer["likely_range"]
+    assert low < answer["age"] < high  # the calibration of the fixture: errors of sd 4 years
+    model = requests.get(f"{service}/v1/model", timeout=30).json()
+    assert model["limits"] == {"max_body_bytes": 1024 * 1024, "max_files": MAX_FILES, "batch_size": 16}
+    assert str(serve_checkpoint.parent) not in str(model)
+
+
+def _replica_pid(app: str) -> int:
+    from ray._private import state
+
+    (pid,) = [a["Pid"] for a in state.actors().values()
+              if a["State"] == "ALIVE" and a["ActorClassName"].startswith(f"ServeReplica:{app}")]
+    return pid
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(service):
+    """200 MB sent chunked, with no Content-Length: refused, and the replica never holds the body.
+
+    Serve's proxy queues what the client sends and the replica fetches the queue in batches, so the
+    replica's peak grows by a part of what arrived before its first read (measured: 47 MB of 100),
+    not by the body.
+    """
+    import contextlib
+    import http.client
+    from urllib.parse import urlparse
+
+    pid = _replica_pid("age")
+    before = _peak_rss_mb(pid)
+
+    def body():
+        for _ in range(200):
+            yield b"\0" * (1024 * 1024)
+
+    url = urlparse(service)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    # the service may answer and close while the client still sends: the point of the test
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        conn.request("POST", "/v1/age", body=body(), headers={"content-type": "image/jpeg"}, encode_chunked=True)
+    r = conn.getresponse()
+    answer = r.read()
+    conn.close()
+    assert r.status == 413 and b'"body_too_large"' in answer
+    assert _peak_rss_mb(pid) - before < 100
+    assert requests.get(f"{service}/healthz", timeout=30).status_code == 200
+
+
+def test_detect_faces_on_batch_and_verify(service, faces_root):
+    chip = Image.open(faces_root / "final_files" / subset(faces_root, 9)["file_name"][6]).convert("RGB")
+    small = chip.resize((chip.width // 2, chip.height // 2))
+    canvas = Image.new("RGB", (640, 480), (128, 128, 128))
+    canvas.paste(small, (40, 80))
+    canvas.paste(chip, (330, 100))  # the larger face
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=95)
+    photo, plain = buf.getvalue(), jpeg_bytes((640, 480), color=(128, 128, 128))
+    batch = requests.post(f"{service}/v1/age/batch?detect_faces=true", timeout=120, files=[
+        ("files", ("two.jpg", photo, "image/jpeg")), ("files", ("plain.jpg", plain, "image/jpeg"))])
+    assert batch.status_code == 200, batch.text
+    two, none = batch.json()["results"]
+    assert two["box"][0] > 300 and 0 < two["age"] < 130 and two["error"] is None
+    assert none["error"] == "no_face" and none["age"] is None
+    verify = requests.post(f"{service}/v1/verify?detect_faces=true&min_age=21", timeout=120,
+                           files={"file": ("two.jpg", photo, "image/jpeg")}).json()
+    assert len(verify["faces"]) == 2 and verify["min_age"] == 21
+    assert all(f["verdict"] in ("yes", "no", "uncertain") and f["likely_range"][0] <= f["age"] for f in verify["faces"])
+
+
+def test_a_client_generated_from_the_schema_reads_an_estimate(service, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    generator = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))
+    if generator is None:
+        pytest.skip("openapi-python-client is not installed (pip install -e '.[dev]')")
+    (tmp_path / "openapi.json").write_bytes(requests.get(f"{service}/openapi.json", timeout=30).content)
+    # raw image bodies (image/*) are plain binary to the generator
+    (tmp_path / "config.yaml").write_text("content_type_overrides:\n  image/*: application/octet-stream\n")
+    subprocess.run([generator, "generate", "--path", "openapi.json", "--config", "config.yaml", "--meta", "none",
+                    "--output-path", "age_client"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from age_client import Client
+    from age_client.api.default import age_v1_age_post, verify_v1_verify_post
+    from age_client.models import AgeAnswer, AgeV1AgePostFilesBody, Refusal, VerifyAnswer
+    from age_client.types import File
+
+    client = Client(base_url=service, timeout=60)
+    form = age_v1_age_post.sync(client=client, body=AgeV1AgePostFilesBody(file=File(io.BytesIO(face()), "a.jpg",
+                                                                                      "image/jpeg")))
+    raw = age_v1_age_post.sync(client=client, body=File(io.BytesIO(face()), "a.jpg", "image/jpeg"))
+    assert isinstance(form, AgeAnswer) and isinstance(raw, AgeAnswer)
+    assert 0 < form.age < 130 and raw.age == pytest.approx(form.age, abs=1e-3) and form.model.backbone == "test_resnet"
+    refused = age_v1_age_post.sync(client=client, body=File(io.BytesIO(b"nope"), "a.jpg"))
+    assert isinstance(refused, Refusal) and refused.error == "not_an_image"
+    verdict = verify_v1_verify_post.sync(client=client, body=File(io.BytesIO(face()), "a.jpg"), min_age=30)
+    assert isinstance(verdict, VerifyAnswer) and verdict.min_age == 30
+
+
+def test_metrics_are_scraped_from_the_metrics_port(service):
+    """Last of the module: every earlier test's requests are counted; Ray exports every few seconds."""
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    wanted = ("ray_age_requests_total", "ray_age_refusals_total", "ray_age_request_seconds_bucket",
+              "ray_age_images_per_request_bucket", "ray_age_forward_batch_size_bucket",
+              "ray_serve_num_http_requests_total")  # faces_per_image: only once a detect_faces request came
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted) and 'reason="not_found"' in text:
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert missing == [], missing
+    assert 'route="/v1/age"' in text and 'reason="body_too_large"' in text and 'reason="too_many_files"' in text
+
+
+def test_readme_curl_examples_answer_as_documented(service, tmp_path, monkeypatch):
+    """The README's curl lines, run as written against the service (its port in place of 8000)."""
+    import json
+    import re
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for block in re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M)
+             for line in block.splitlines() if line.startswith("curl ")]
+    assert len(lines) >= 2, "the README has no curl example"
+    (tmp_path / "photo.jpg").write_bytes(face())
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        command = line.split(" #")[0].replace("http://127.0.0.1:8000", service)
+        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (line, done.stderr)
+        answer = json.loads(done.stdout)
+        assert "error" not in answer, (line, answer)
+        assert isinstance(answer["age"], float) and len(answer["likely_range"]) == 2, (line, answer)
+        if "/v1/verify" in line:
+            assert answer["verdict"] in ("yes", "no", "uncertain")
