@@ -1,0 +1,95 @@
+"""The offline bundle (scripts/bundle.sh): it builds under its size limit and runs the pipeline with nothing else.
+
+The run uses a fresh interpreter that sees only what a bare GPU machine has (torch, timm, numpy,
+pandas, pyarrow and what they require, linked from this environment) plus what the archive brings,
+so a package the bundle forgot fails the run, in the driver or in any Ray process it starts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bundle import HOST_ROOTS, closure  # noqa: E402  (scripts/bundle.py: the host the bundle is built for)
+
+LIMIT_BYTES = 60 * 2**20
+FACES = 200
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+pytestmark = pytest.mark.slow
+
+
+def _top_level(dist: md.Distribution) -> set[str]:
+    """The site-packages entries a distribution installed (packages, modules, its .dist-info)."""
+    names = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+    return {n for n in names if n != "__pycache__" and not n.endswith(".pth")}
+
+
+def bare_host(dest: Path) -> Path:
+    """A virtual environment holding links to the host roots and all they require alone; returns its python."""
+    base = Path(sys.base_prefix) / "bin" / f"python{PYTHON}"  # not this venv's python: nothing of it inherited
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(dest)], check=True)
+    site = dest / "lib" / f"python{PYTHON}" / "site-packages"
+    host = set(closure(HOST_ROOTS, PYTHON))
+    owners: dict[str, set[str]] = {}
+    for dist in md.distributions():
+        for entry in _top_level(dist):
+            owners.setdefault(entry, set()).add(_canon(dist.metadata["Name"]))
+    linked = 0
+    for name in host:
+        dist = md.distribution(name)
+        for entry in _top_level(dist):
+            others = owners[entry] - host
+            assert not others, f"{entry} is shared by host package {name} and {sorted(others)}: cannot link it alone"
+            if not (site / entry).is_symlink():  # namespace folders (nvidia/) are shared among host packages
+                (site / entry).symlink_to(Path(dist.locate_file(entry)))
+                linked += 1
+    assert linked
+    return dest / "bin" / "python"
+
+
+def _canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, faces_root) -> Path:
+    out = tmp_path_factory.mktemp("bundle")
+    subprocess.run(["bash", str(ROOT / "scripts" / "bundle.sh"), "build", str(out), "--python", PYTHON,
+                    "--faces", str(FACES)], check=True, env={**os.environ, "AGECORE_FACES": str(faces_root)})
+    return out / f"agecore-bundle-py{PYTHON.replace('.', '')}.tar.xz"
+
+
+def test_bundle_builds_under_the_limit_and_runs_alone(archive: Path, tmp_path: Path) -> None:
+    assert archive.stat().st_size <= LIMIT_BYTES, f"{archive.stat().st_size / 2**20:.1f} MiB"
+    python = bare_host(tmp_path / "host")
+    # the proof is only as good as the isolation: the bare host has torch but no Ray and no project
+    probe = subprocess.run([str(python), "-c", "import torch, timm, pyarrow; import ray"], capture_output=True, text=True)
+    assert "No module named 'ray'" in probe.stderr, probe.stderr
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RAY_ADDRESS")}
+    env.update(PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p),
+               PYTHON=str(python), BACKBONE="test_resnet", PRETRAINED="none", IMAGE_SIZE="64", EPOCHS="2",
+               GPU="0", KEEP_WORK=str(work))
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "bundle.sh"), "run", str(archive), str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"summary.md", "run.log", "metrics.csv", "curves.png", "evaluation.md"} <= set(files)
+    assert len(pd.read_csv(out / "metrics.csv")) == 2
+    summary = (out / "summary.md").read_text()
+    assert "## Bundle run on CPU: test_resnet, 2 epochs" in summary and "test MAE" in summary
+    scores = pd.read_parquet(work / "scores")
+    assert len(scores) == FACES and scores["predicted_age"].notna().all()
+    assert (work / "train" / "best" / "checkpoint.json").is_file()
