@@ -49,21 +49,28 @@ def test_a_bad_arg_is_a_user_error_naming_it(args, named):
         ServeArgs.parse(args)
 
 
-def test_age_serve_refuses_a_folder_that_is_not_a_checkpoint_before_ray_starts(tmp_path):
-    import ray
+def _no_ray(monkeypatch) -> None:
+    """Fail the test if the job gets as far as starting (or joining) Ray: another test's may be running."""
+    import ray_jobs.common
 
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(ray_jobs.common, "init_ray", started)
+
+
+def test_age_serve_refuses_a_folder_that_is_not_a_checkpoint_before_ray_starts(tmp_path, monkeypatch):
     from ray_jobs.serve import main
 
+    _no_ray(monkeypatch)
     with pytest.raises(MissingInput, match=str(tmp_path)):
         main(["--checkpoint", str(tmp_path)])
-    assert not ray.is_initialized()
 
 
-def test_age_serve_refuses_a_port_in_use_before_ray_starts(tmp_path):
-    import ray
-
+def test_age_serve_refuses_a_port_in_use_before_ray_starts(tmp_path, monkeypatch):
     from ray_jobs.serve import main
 
+    _no_ray(monkeypatch)
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -71,7 +78,7 @@ def test_age_serve_refuses_a_port_in_use_before_ray_starts(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(InvalidInput, match=f"--port {port}: .* in use") as e:
             main(["--checkpoint", str(ckpt), "--port", str(port)])
-    assert isinstance(e.value, UserError) and not ray.is_initialized()
+    assert isinstance(e.value, UserError)
 
 
 def test_the_age_command_prints_the_error_in_a_line_and_exits_2(tmp_path):
