@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from agecore.errors import InvalidInput
+from agecore.images import MAX_PIXELS, MIN_SIDE
 
 # Each choice list is written once, as a type: the command lines take their choices from these too.
 Format = Literal["auto", "labels-csv", "utkface", "manifest"]
@@ -72,9 +73,9 @@ class PrepareConfig(_Serializable):
         default=0.1, metadata={"help": "share held out for `age evaluate`, never read by training (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed of the shuffle and the split"})
     strict: bool = field(default=False, metadata={"help": "fail on any rejected row"})
-    min_side: int = field(default=32, metadata={"help": "images with a shorter side (pixels) are rejected"})
+    min_side: int = field(default=MIN_SIDE, metadata={"help": "images with a shorter side (pixels) are rejected"})
     max_pixels: int = field(
-        default=40_000_000, metadata={"help": "images with more pixels are rejected (a guard against decompression bombs)"})
+        default=MAX_PIXELS, metadata={"help": "images with more pixels are rejected (a guard against decompression bombs)"})
     max_age: float = field(default=MAX_AGE, metadata={"help": "labels above this age (years) are rejected"})
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 from agecore import metrics, plots, storage
 from agecore.checkpoint import CALIBRATION
 from agecore.datasets import AGE_BAND_LABELS
-from agecore.images import decode, read_bytes, resize_square
+from agecore.images import load_image
 
 GENDERS = {0: "male", 1: "female"}
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
@@ -128,7 +128,7 @@ def _measure_and_attach(
 
 def _thumbnail(path: str, size: int = 128) -> np.ndarray:
     try:
-        return resize_square(decode(read_bytes(path)), size)
+        return load_image(path, size)
     except Exception:  # a report must not fail on one image it can no longer read
         return np.full((size, size, 3), 200, np.uint8)
 

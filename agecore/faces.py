@@ -32,6 +32,7 @@ from PIL import Image
 from agecore import storage
 from agecore.config import FaceDetection
 from agecore.errors import MissingInput
+from agecore.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def template_from_files(folder: str | Path, n: int = TEMPLATE_SAMPLE) -> Templat
     """The template of ``n`` images spread evenly over a folder's sorted file names."""
     paths = sorted(Path(folder).iterdir())
     picks = np.unique(np.linspace(0, len(paths) - 1, n).round().astype(int)) if paths else []
-    return measure_template(Image.open(paths[i]) for i in picks)
+    return measure_template(open_image(paths[i]) for i in picks)
 
 
 def prepared_sample(split_path: str, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,12 @@
 """Decode and preprocess images: the one path that prepare, training, scoring and serving share.
 
-Two steps, both here:
-
-* ``load_image``: bytes -> validated RGB PIL image (EXIF orientation applied, alpha
-  composited on white) -> square ``uint8`` array of the model's input size (shorter side
-  resized, centre crop). Prepare stores exactly this array; scoring and serving call it on
-  every request.
+* ``open_image``: a path or URI, encoded bytes, a PIL image or an HxWx3 ``uint8`` array -> RGB
+  PIL image. Files and bytes go through ``decode``: the pixel limits ``MIN_SIDE`` and
+  ``MAX_PIXELS``, EXIF orientation applied, alpha composited on white. Face detection reads this
+  whole photo.
+* ``load_image``: the same sources -> square ``uint8`` array of the model's input size (shorter
+  side resized, centre crop). Prepare stores exactly this array; evaluation, scoring and serving
+  call it on every image.
 * ``normalize``: a ``uint8`` NHWC batch -> a float NCHW batch with the backbone's mean/std.
 """
 
@@ -15,13 +16,24 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agecore import storage
-from agecore.config import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
+
+    from agecore.config import Preprocessing
+
+# The pixel limits of every stage (prepare's defaults, the predictor, the service): the shorter side
+# of the smallest usable image, and the most pixels an image may have (a decompression-bomb guard).
+MIN_SIDE = 32
+MAX_PIXELS = 40_000_000
+
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -60,7 +72,7 @@ def read_bytes(path: str) -> bytes:
         raise ImageError("unreadable", f"{path}: {e}") from e
 
 
-def decode(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 32) -> Image.Image:
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
     """Bytes -> RGB image, refusing what a model cannot use.
 
     >>> buf = io.BytesIO(); Image.new("RGBA", (40, 50)).save(buf, "PNG")
@@ -130,16 +142,45 @@ def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -
     return np.asarray(img, dtype=np.uint8)
 
 
+def open_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+    """The one way in: a path or URI, encoded bytes, a PIL image or an HxWx3 ``uint8`` array -> RGB image.
+
+    Paths and bytes are read and validated by ``decode``; an image already in memory is made RGB
+    and taken as it is.
+
+    >>> buf = io.BytesIO(); Image.new("L", (40, 50)).save(buf, "PNG")
+    >>> open_image(buf.getvalue()).mode, open_image(np.zeros((8, 8, 3), np.uint8)).size
+    ('RGB', (8, 8))
+    """
+    if isinstance(source, (str, Path)):
+        return decode(read_bytes(str(source)), max_pixels=max_pixels, min_side=min_side)
+    if isinstance(source, bytes):
+        return decode(source, max_pixels=max_pixels, min_side=min_side)
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise ImageError("bad_array", f"need an HxWx3 uint8 array, got {source.shape} {source.dtype}")
+        return Image.fromarray(source)
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    raise TypeError(f"cannot read an image from {type(source).__name__}: give a path, bytes, a PIL image or an array")
+
+
 def load_image(
-    data: bytes,
+    source: ImageLike,
     size: int,
     interpolation: str = "bicubic",
     *,
-    max_pixels: int = 40_000_000,
-    min_side: int = 32,
+    max_pixels: int = MAX_PIXELS,
+    min_side: int = MIN_SIDE,
 ) -> np.ndarray:
-    """Bytes -> the preprocessed square ``uint8`` array that every stage feeds the model."""
-    return resize_square(decode(data, max_pixels=max_pixels, min_side=min_side), size, interpolation)
+    """Any ``open_image`` source -> the preprocessed square ``uint8`` array that every stage feeds the model.
+
+    >>> load_image(Image.new("RGB", (300, 200)), 64, "bilinear").shape
+    (64, 64, 3)
+    """
+    if isinstance(source, np.ndarray) and source.shape == (size, size, 3) and source.dtype == np.uint8:
+        return source  # already a model input
+    return resize_square(open_image(source, max_pixels=max_pixels, min_side=min_side), size, interpolation)
 
 
 def content_digest(img: Image.Image) -> str:
@@ -150,11 +191,15 @@ def content_digest(img: Image.Image) -> str:
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """``uint8`` NHWC (or float in [0, 255]) -> normalised float NCHW in channels_last memory.
 
+    >>> import torch
+    >>> from agecore.config import Preprocessing
     >>> prep = Preprocessing(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     >>> x = normalize(torch.full((1, 16, 16, 3), 255, dtype=torch.uint8), prep)
     >>> tuple(x.shape), x.min().item(), x.max().item()
     ((1, 3, 16, 16), 1.0, 1.0)
     """
+    import torch  # here, not at the top: agecore.config reads the pixel limits above without loading torch
+
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(prep.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, device=x.device).view(1, 3, 1, 1)

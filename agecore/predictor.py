@@ -31,10 +31,8 @@ from PIL import Image
 from agecore.checkpoint import load_checkpoint, preprocessing
 from agecore.config import FaceDetection
 from agecore.faces import UTKFACE_TEMPLATE, Face, FaceDetector, align
-from agecore.images import ImageError, decode, normalize, read_bytes, resize_square, to_rgb
+from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.model import freeze_graph, native_bf16
-
-ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 log = logging.getLogger(__name__)
 
@@ -151,25 +149,12 @@ class Predictor:
     @staticmethod
     def photo(image: ImageLike) -> Image.Image:
         """A path or URI, encoded bytes (validated, EXIF orientation applied), a PIL image or an HWC
-        uint8 array -> RGB image."""
-        if isinstance(image, (str, Path)):
-            return decode(read_bytes(str(image)))
-        if isinstance(image, bytes):
-            return decode(image)
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ImageError("bad_array", f"need an HxWx3 uint8 array, got {image.shape} {image.dtype}")
-            return Image.fromarray(image)
-        if isinstance(image, Image.Image):
-            return to_rgb(image)
-        raise TypeError(f"cannot predict on {type(image).__name__}: give a path, bytes, a PIL image or an array")
+        uint8 array -> RGB image (``agecore.images.open_image``): the whole photo, for face detection."""
+        return open_image(image)
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
-        """Bytes, a PIL image or an HWC uint8 array -> the model's square uint8 input."""
-        size = self.prep.input_size
-        if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and image.dtype == np.uint8:
-            return image  # already the model's input
-        return resize_square(self.photo(image), size, self.prep.interpolation)
+        """Any ``photo`` input -> the model's square uint8 input (``agecore.images.load_image``)."""
+        return load_image(image, self.prep.input_size, self.prep.interpolation)
 
     # -- faces in uncropped photos -------------------------------------------------------------------
 
@@ -315,7 +300,7 @@ class BatchPredictor:
         crops = []
         for i, path in enumerate(batch["path"]):
             try:
-                photo = decode(read_bytes(str(path)))
+                photo = self.predictor.photo(str(path))
                 faces, arrays = self.predictor.face_crops(photo)
             except ImageError as e:
                 rows.append((i, None, None, np.nan, f"{e.reason}: {e.detail}"))

@@ -31,7 +31,7 @@ from agecore.datasets import (
     resolve_duplicates,
 )
 from agecore.errors import InvalidInput, MissingInput
-from agecore.images import ImageError, content_digest, decode, read_bytes, resize_square
+from agecore.images import ImageError, content_digest, load_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def decode_batch(
     digests, reasons, details = [""] * n, [""] * n, [""] * n
     for i, path in enumerate(batch["path"]):
         try:
-            img = decode(read_bytes(str(path)), max_pixels=max_pixels, min_side=min_side)
+            img = open_image(str(path), max_pixels=max_pixels, min_side=min_side)
             digests[i] = content_digest(img)
-            images[i] = resize_square(img, size, interpolation)
+            images[i] = load_image(img, size, interpolation)
         except ImageError as e:
             reasons[i], details[i] = e.reason, e.detail
     out = dict(batch)
@@ -180,7 +180,7 @@ def write_report(
     )
     plots.age_histogram(by_split, report / "age_hist.png")
     samples = pick_samples(kept[kept["split"] == "train"], seed=cfg.seed)
-    images = [resize_square(decode(read_bytes(p)), 128) for p in samples["path"]]
+    images = [load_image(p, 128) for p in samples["path"]]
     plots.sample_grid(images, samples["age"].tolist(), report / "samples.png")
     return summary
 

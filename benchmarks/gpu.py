@@ -27,7 +27,7 @@ import torch
 
 from agecore.checkpoint import save_checkpoint
 from agecore.config import ModelConfig, TrainConfig
-from agecore.images import decode, read_bytes, resize_square
+from agecore.images import load_image
 from agecore.model import create_model, default_preprocessing, trainable_module
 from agecore.predictor import Predictor
 from agecore.training import Schedule, augment, batch_inputs, loss_fn, make_optimizer, train_epoch
@@ -125,7 +125,7 @@ def main() -> None:
         cpu = Predictor(args.checkpoint, "cpu")
         size, interp = cpu.prep.input_size, cpu.prep.interpolation
         start = time.perf_counter()
-        arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths])
+        arrays = np.stack([load_image(x, size, interp) for x in paths])
         print(f"decoded {len(paths)} faces in {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
         ages = {"cpu fp32": cpu.predict_arrays(arrays)}

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agecore.images import decode, read_bytes, resize_square
+from agecore.images import load_image
 from agecore.predictor import Predictor, native_bf16
 from agecore.prepare import split_dir
 
@@ -35,7 +35,7 @@ def main() -> None:
     fp32 = Predictor(args.checkpoint, "cpu", precision="fp32")
     size, interp = fp32.prep.input_size, fp32.prep.interpolation
     start = time.perf_counter()
-    arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in rows["path"]])
+    arrays = np.stack([load_image(x, size, interp) for x in rows["path"]])
     print(f"decoded {len(arrays)} faces of {args.prepared} ({args.split}) in {time.perf_counter() - start:.1f} s")
     caps = torch.cpu
     print(f"CPU: AVX512-BF16 {caps._is_avx512_bf16_supported()}, AMX {caps._is_amx_tile_supported()}; "

@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter
 
 from agecore import metrics
 from agecore.faces import UTKFACE_TEMPLATE, align, prepared_sample, square_box
-from agecore.images import resize_square
+from agecore.images import load_image
 from agecore.predictor import Predictor
 from agecore.prepare import read_prepare_info, split_dir
 
@@ -100,7 +100,7 @@ def degradation_rows(predictor: Predictor, images: np.ndarray, ages: np.ndarray)
     clean = predictor.predict_arrays(images)
     rows = [row("clean", clean, ages, None)]
     for name, fn in DEGRADATIONS.items():
-        degraded = np.stack([resize_square(fn(Image.fromarray(im)), size, interp) for im in images])
+        degraded = np.stack([load_image(fn(Image.fromarray(im)), size, interp) for im in images])
         rows.append(row(name, predictor.predict_arrays(degraded), ages, rows[0]["mae"]))
     return rows
 
@@ -132,7 +132,7 @@ def pasted_rows(predictor: Predictor, images: np.ndarray, ages: np.ndarray, phot
         crop = timed("align", lambda photo=photo, face=face: align(photo, face.landmarks, template, size,
                                                                    predictor.prep.interpolation))
         aligned.append(float(timed("age model", lambda crop=crop: predictor.predict_arrays(crop[None]))[0]))
-        square = resize_square(photo.crop(square_box(face.box, 0.05)), size, predictor.prep.interpolation)
+        square = load_image(photo.crop(square_box(face.box, 0.05)), size, predictor.prep.interpolation)
         squared.append(float(predictor.predict_arrays(square[None])[0]))
         found.append(i)
     n = min(photos, len(images))

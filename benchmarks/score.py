@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from agecore.datasets import list_images
-from agecore.images import decode, read_bytes, resize_square
+from agecore.images import load_image, open_image
 from agecore.predictor import Predictor
 from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
 from ray_jobs.score import DEFAULT_BATCH_SIZE, path_blocks, score
@@ -123,15 +123,15 @@ def main() -> None:
 
     predictor = Predictor(args.checkpoint, precision=args.precision)
     size, interp = predictor.prep.input_size, predictor.prep.interpolation
-    arrays = np.stack([resize_square(decode(read_bytes(x)), size, interp) for x in paths[: args.ceiling_images]])
+    arrays = np.stack([load_image(x, size, interp) for x in paths[: args.ceiling_images]])
     ceilings = machine_ceilings(args.checkpoint, arrays, work, args.precision)
     ceiling = max(ceilings.values())
 
     def naive_loop(p: Predictor) -> float:
-        p.predict([decode(read_bytes(paths[0]))])  # warm-up
+        p.predict([open_image(paths[0])])  # warm-up
         start = time.perf_counter()
         for x in paths[: args.naive_limit]:
-            p.predict([decode(read_bytes(x))])
+            p.predict([open_image(x)])
         return args.naive_limit / (time.perf_counter() - start)
 
     naive_eager = naive_loop(Predictor(args.checkpoint, freeze=False, precision="fp32"))

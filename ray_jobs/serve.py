@@ -41,7 +41,7 @@ from agecore.checkpoint import read_meta, weights_digest
 from agecore.errors import InvalidInput
 from agecore.evaluate import read_calibration
 from agecore.faces import Face
-from agecore.images import ImageError
+from agecore.images import MAX_PIXELS, MIN_SIDE, ImageError
 from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.predictor import PRECISIONS, Predictor
 
@@ -63,8 +63,8 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "not_an_image": (422, "bytes that are no image format the service reads"),
     "truncated": (422, "an image file cut short"),
     "undecodable": (422, "an image the decoder fails on"),
-    "too_small": (422, "an image with a side under 32 px"),
-    "too_many_pixels": (413, "an image (or decompression bomb) over 40 megapixels"),
+    "too_small": (422, f"an image with a side under {MIN_SIDE} px"),
+    "too_many_pixels": (413, f"an image (or decompression bomb) over {MAX_PIXELS / 1e6:g} megapixels"),
     "body_too_large": (413, "a request body over the body limit (max_body_mb), whatever its headers say"),
     "missing_file": (422, "a multipart body with no file field"),
     "too_many_files": (422, f"several files on a one-image route, or over {MAX_FILES} on /v1/age/batch"),

@@ -20,6 +20,7 @@ from agecore.faces import (
     measure_template,
     similarity_transform,
     square_box,
+    template_from_files,
 )
 from agecore.predictor import Predictor
 from tests.conftest import subset, tiny_checkpoint
@@ -143,6 +144,15 @@ def test_the_template_measured_on_training_crops_matches_the_stored_one(chips):
     assert template is not None and len(template) == 5
     np.testing.assert_allclose(template, UTKFACE_TEMPLATE, atol=0.025)
     assert measure_template([np.zeros((112, 112, 3), np.uint8)] * 3) is None  # too few faces to trust
+
+
+def test_the_template_of_a_folder_reads_its_files_through_the_shared_decode(faces_root, tmp_path):
+    names = subset(faces_root, 24)["file_name"]
+    for name in names:
+        (tmp_path / name).write_bytes((faces_root / "final_files" / name).read_bytes())
+    template = template_from_files(tmp_path, n=len(names))
+    assert template is not None
+    np.testing.assert_allclose(template, UTKFACE_TEMPLATE, atol=0.025)
 
 
 def test_a_pasted_chip_is_found_and_aligned_back_like_the_original(chips, detector):

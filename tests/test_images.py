@@ -5,8 +5,18 @@ import pytest
 import torch
 from PIL import Image
 
-from agecore.config import Preprocessing
-from agecore.images import ImageError, decode, load_image, normalize, read_bytes, resize_square
+from agecore.config import PrepareConfig, Preprocessing
+from agecore.images import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageError,
+    decode,
+    load_image,
+    normalize,
+    open_image,
+    read_bytes,
+    resize_square,
+)
 from tests.conftest import jpeg_bytes
 
 
@@ -63,6 +73,41 @@ def test_resize_square_centre_crops_without_distortion():
 def test_load_image_is_deterministic():
     data = jpeg_bytes((90, 120))
     assert np.array_equal(load_image(data, 64), load_image(data, 64))
+
+
+def test_every_source_gives_the_same_pixels(tmp_path):
+    data = jpeg_bytes((90, 120))
+    path = tmp_path / "face.jpg"
+    path.write_bytes(data)
+    photo = decode(data)
+    expected = resize_square(photo, 64, "bilinear")
+    for source in (path, str(path), data, photo, np.asarray(photo)):
+        assert open_image(source).size == (90, 120)
+        assert np.array_equal(load_image(source, 64, "bilinear"), expected)
+    square = np.zeros((64, 64, 3), np.uint8)
+    assert load_image(square, 64) is square  # a model input already: returned as it is
+
+
+def test_open_image_refuses_what_it_cannot_use(tmp_path):
+    with pytest.raises(ImageError) as e:
+        open_image(tmp_path / "nope.jpg")
+    assert e.value.reason == "missing_file"
+    with pytest.raises(ImageError) as e:
+        open_image(jpeg_bytes((MIN_SIDE - 1, 80)))
+    assert e.value.reason == "too_small"
+    with pytest.raises(ImageError) as e:
+        load_image(jpeg_bytes((300, 300)), 64, max_pixels=200 * 200)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageError) as e:
+        open_image(np.zeros((8, 8), np.uint8))
+    assert e.value.reason == "bad_array"
+    with pytest.raises(TypeError, match="cannot read an image from int"):
+        open_image(3)
+
+
+def test_the_pixel_limits_are_stated_once():
+    cfg = PrepareConfig(data="d", out="o")
+    assert (cfg.min_side, cfg.max_pixels) == (MIN_SIDE, MAX_PIXELS) == (32, 40_000_000)
 
 
 def test_normalize_matches_mean_std_and_resizes():
