@@ -3,9 +3,14 @@
 A checkpoint is a folder::
 
     model.safetensors   the whole network (backbone and head), no pickled code
-    checkpoint.json     model and training config, preprocessing, metrics, versions, epoch
+    checkpoint.json     model and training config, preprocessing, this epoch's metrics, versions, epoch
+    history.json        from training: the metrics of every epoch up to this one, how it was reached
     train_state.pt      optimiser/scheduler/early-stopping state for resuming (weights_only load)
     calibration.json    optional: signed-error quantiles per age band (written by evaluate --attach)
+
+Training saves with ``save_checkpoint`` and resumes with ``restore``; inference loads with
+``load_checkpoint``; ``copy_checkpoint`` exports a checkpoint without its train state (the
+exported ``best/`` of a run keeps ``history.json``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,7 @@ from agecore.model import AgeRegressor, create_model
 
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
+HISTORY = "history.json"
 TRAIN_STATE = "train_state.pt"
 CALIBRATION = "calibration.json"
 FORMAT, FORMAT_VERSION = "agecore-checkpoint", 1
@@ -48,7 +56,9 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     epoch: int = 0,
     train_state: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write the checkpoint folder ``path``; ``history`` (one metrics row per epoch) goes to ``history.json``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -63,6 +73,8 @@ def save_checkpoint(
         "versions": versions(),
     }
     (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+    if history is not None:
+        (path / HISTORY).write_text(json.dumps({"epochs": history}, indent=1) + "\n")
     if train_state is not None:
         torch.save(train_state, path / TRAIN_STATE)
     return path
@@ -100,9 +112,57 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     with storage.local_dir(path) as local:
         meta = read_meta(local)
         cfg = ModelConfig.from_dict({**meta["model"], "pretrained": "none", "pretrained_file": None})
-        model = create_model(cfg)
-        model.load_state_dict(safetensors.torch.load_file(local / WEIGHTS, device=str(device)))
+        model = load_weights(local, create_model(cfg), device)
     return model.to(device).eval(), meta
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load the weights of the checkpoint folder ``path`` into ``model`` (built to its config); returns ``model``."""
+    model.load_state_dict(safetensors.torch.load_file(Path(path) / WEIGHTS, device=str(device)))
+    return model
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics rows up to the checkpoint's epoch (a folder or a URI); none where it has no history."""
+    history_path = storage.join(path, HISTORY)
+    if not storage.exists(history_path):
+        return []
+    epochs = storage.read_json(history_path).get("epochs")
+    if not isinstance(epochs, list):
+        raise InvalidInput(f"{history_path}: no list of epochs")
+    return epochs
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What training continues from, besides the weights: the checkpoint's metadata, train state and history."""
+
+    meta: dict[str, Any]
+    train_state: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch the checkpoint finished."""
+        return self.meta["epoch"]
+
+
+def restore(path: str | Path, model: torch.nn.Module, device: str | torch.device = "cpu") -> Restored:
+    """Load a training checkpoint's weights into ``model`` and return the rest that resuming needs."""
+    meta = read_meta(path)
+    train_state = load_train_state(path)
+    if train_state is None:
+        raise MissingInput(f"{path}: {TRAIN_STATE} is missing, so training cannot resume from this checkpoint")
+    load_weights(path, model, device)
+    return Restored(meta, train_state, read_history(path))
+
+
+def copy_checkpoint(src: str | Path, dest: str | Path, *, train_state: bool = False) -> Path:
+    """Copy the checkpoint folder ``src`` to ``dest`` (replaced), less its train state unless ``train_state``."""
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=None if train_state else shutil.ignore_patterns(TRAIN_STATE))
+    return dest
 
 
 def weights_digest(path: str | Path) -> str:

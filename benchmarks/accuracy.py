@@ -32,7 +32,8 @@ from agecore.config import ModelConfig, TrainConfig
 from agecore.model import create_model, default_preprocessing
 from agecore.prepare import read_prepare_info
 from ray_jobs.common import init_ray, read_parquet, setup_logging
-from ray_jobs.train import build_feature_cache, train
+from ray_jobs.run_setup import build_feature_cache
+from ray_jobs.train import train
 
 
 def ridge(train_x: np.ndarray, train_y: np.ndarray, alphas=(0.1, 1, 10, 100, 1000)) -> tuple[np.ndarray, float]:

@@ -21,7 +21,8 @@ import pandas as pd
 
 from agecore.config import ModelConfig, TrainConfig
 from ray_jobs.common import setup_logging
-from ray_jobs.train import setup_run, train
+from ray_jobs.run_setup import setup_run
+from ray_jobs.train import train
 from ray_jobs.tune import main as tune_main
 
 

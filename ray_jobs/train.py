@@ -12,49 +12,44 @@ default); ``frozen`` caches pooled embeddings and trains the head alone (seconds
 Outputs under OUT: ``best/`` (the checkpoint with the lowest validation MAE), ``metrics.csv``,
 ``curves.png``, ``config.json``, and Ray Train's own run folder ``ray_train/``. ``--config`` takes
 a run's ``config.json`` as the defaults: that run again, with any option given overriding it.
+
+Each worker runs ``train_loop_per_worker``: restore, then per epoch train and validate, reduce the
+metrics across ranks, and report a checkpoint (``agecore.checkpoint``; its ``history.json`` holds
+the epochs so far). The set-up a run shares with a search (feature cache, datasets, initial
+weights) is ``ray_jobs.run_setup``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as pa_ds
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
+from torch import nn
 
 from agecore import plots, storage
-from agecore.checkpoint import TRAIN_STATE, load_train_state, read_meta, save_checkpoint
+from agecore.checkpoint import copy_checkpoint, read_history, read_meta, restore, save_checkpoint
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.errors import InvalidInput
-from agecore.faces import template_from_prepared
-from agecore.model import (
-    create_model,
-    default_cut_stage,
-    default_preprocessing,
-    split_model,
-    trainable_module,
-)
-from agecore.prepare import read_prepare_info, split_dir
+from agecore.model import create_model, trainable_module
 from agecore.training import (
     EarlyStopping,
-    FeatureExtractor,
+    EpochResult,
     Schedule,
     batch_inputs,
     evaluate_epoch,
@@ -63,26 +58,19 @@ from agecore.training import (
     seed_everything,
     train_epoch,
 )
-from ray_jobs.common import init_ray, model_actor_options, read_parquet, setup_logging
+from ray_jobs.common import setup_logging
 from ray_jobs.options import add_config_arguments, config_from_args, parse_with_config
 from ray_jobs.progress import EpochProgress, send
+from ray_jobs.run_setup import RunSetup, setup_run
 
 log = logging.getLogger("ray_jobs.train")
 
 RUN_NAME = "ray_train"
-# set from the weights options, or from the prepared set's ages (``setup_run``)
+# set from the weights options, or from the prepared set's ages (``ray_jobs.run_setup.setup_run``)
 MODEL_FIELDS_NOT_OPTIONS = ("pretrained", "pretrained_file", "target_mean", "target_scale")
 
 
 # ---- inside each Ray Train worker -----------------------------------------------------------------
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 def _count_nodes() -> int:
@@ -95,241 +83,184 @@ def _count_nodes() -> int:
     return len(set(ids))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+@dataclass
+class Worker:
+    """One Ray Train worker's run: configs, the network, the optimisation state and the history so far."""
+
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    prep: Preprocessing
+    rank: int
+    world_size: int
+    device: torch.device
+    model: nn.Module  # the whole network: what every checkpoint holds
+    module: nn.Module  # the part that trains; DDP-wrapped once restored
+    shards: dict[str, Any]  # this rank's share of "train", and all of "val"
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    stopper: EarlyStopping
+    progress: Queue | None = None  # the driver's EpochProgress, fed by rank 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def columns(self) -> list[str]:
+        return ["image", "age"] if self.cfg.mode == "finetune" else ["features", "age"]
+
+
+def _optimisation(module: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The optimiser over the trained part, and its learning-rate schedule (``train_epoch`` steps it)."""
+    optimizer = make_optimizer(module, cfg)
+    return optimizer, Schedule(optimizer, cfg, steps_per_epoch)
+
+
+def _train_state(w: Worker) -> dict[str, Any]:
+    """What a checkpoint keeps for resuming, besides the weights and the history."""
+    return {"optimizer": w.optimizer.state_dict(), "schedule": w.schedule.state_dict(),
+            "early_stopping": w.stopper.state_dict()}
+
+
+def _start_worker(config: dict[str, Any]) -> Worker:
+    """Seed this rank, build the network from the driver's initial weights, and its optimiser."""
     model_cfg = ModelConfig.from_dict(config["model"])
     cfg = TrainConfig.from_dict(config["train"])
-    prep = Preprocessing.from_dict(config["preprocessing"])
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed + rank)
     if not cfg.gpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
-    amp = device.type == "cuda"
-
-    model = create_model(ModelConfig.from_dict({**config["model"], "pretrained": "none", "pretrained_file": None}))
+    model = create_model(dataclasses.replace(model_cfg, pretrained="none", pretrained_file=None))
     model.load_state_dict(ray.get(config["initial_weights"]))
     module = trainable_module(model, cfg.mode, cfg.cut_stage)
     # channels_last pays on CPUs too: 50 against 33 images/s training EfficientNet-Lite0's top stages
     model.to(device, memory_format=torch.channels_last)
+    shards = {s: ray.train.get_dataset_shard(s) for s in ("train", "val")}
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (cfg.batch_size * world_size)))
+    optimizer, schedule = _optimisation(module, cfg, steps_per_epoch)
+    return Worker(model_cfg, cfg, Preprocessing.from_dict(config["preprocessing"]), rank, world_size, device,
+                  model, module, shards, steps_per_epoch, optimizer, schedule,
+                  EarlyStopping(cfg.patience, cfg.min_delta), config.get("progress"))
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (cfg.batch_size * ctx.get_world_size())))
-    optimizer = make_optimizer(module.parameters(), cfg)
-    schedule = Schedule(optimizer, cfg, steps_per_epoch)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
 
+def _restore(w: Worker) -> bool:
+    """Continue from Ray Train's latest checkpoint (after a failure, or with --resume): nothing finished is lost."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume after a failure or with --resume: nothing finished is lost
-        with checkpoint.as_directory() as d:
-            import safetensors.torch
+    if not checkpoint:
+        return False
+    with checkpoint.as_directory() as d:
+        saved = restore(d, w.model, w.device)
+    w.optimizer.load_state_dict(saved.train_state["optimizer"])
+    w.schedule.load_state_dict(saved.train_state["schedule"])
+    w.stopper.load_state_dict(saved.train_state["early_stopping"])
+    w.history, w.start_epoch = saved.history, saved.epoch + 1
+    return True
 
-            model.load_state_dict(safetensors.torch.load_file(Path(d) / "model.safetensors", device=str(device)))
-            state = load_train_state(d)
-            meta = read_meta(d)
-        assert state is not None, "checkpoint has no train_state.pt"
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        stopper.load_state_dict(state["early_stopping"])
-        history = meta["metrics"]["history"]
-        start_epoch = meta["epoch"] + 1
-        if stopper.should_stop:
-            return
 
-    module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    criterion = loss_fn(cfg.loss)
-    columns = ["image", "age"] if cfg.mode == "finetune" else ["features", "age"]
+def _step_progress(w: Worker, epoch: int) -> Callable[[int, float], None] | None:
+    """Rank 0's running training MAE, sent to the driver's progress display."""
+    if w.rank != 0 or w.progress is None:
+        return None
+
+    def on_progress(step: int, mae: float) -> None:
+        send(w.progress, {"kind": "step", "epoch": epoch, "step": step, "steps": w.steps_per_epoch, "train_mae": mae})
+
+    return on_progress
+
+
+def _run_epoch(
+    w: Worker, epoch: int, criterion: nn.Module, generator: torch.Generator
+) -> tuple[EpochResult, EpochResult | None]:
+    """Train on this rank's shard; validate on rank 0 (``None`` elsewhere)."""
+    def inputs_for(train: bool) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        return lambda batch: batch_inputs(batch, w.cfg.mode, w.prep, train, w.cfg, generator, w.device)
+
+    batch_size = w.cfg.batch_size
+    train_batches = w.shards["train"].iter_torch_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=batch_size * 8, drop_last=True,
+        local_shuffle_seed=w.cfg.seed + epoch * 1000 + w.rank,
+    )
+    tr = train_epoch(w.module, ({k: b[k] for k in w.columns} for b in train_batches), w.optimizer, w.schedule,
+                     criterion, inputs_for(True), w.device, w.amp, on_progress=_step_progress(w, epoch))
+    if w.rank != 0:
+        return tr, None
+    # Validation runs on rank 0 over the whole (unsplit) validation set, on the unwrapped module so
+    # that no collective is involved; ``_reduce_metrics`` carries its result to every rank.
+    val_batches = w.shards["val"].iter_torch_batches(batch_size=batch_size * 2)
+    va = evaluate_epoch(getattr(w.module, "module", w.module), ({k: b[k] for k in w.columns} for b in val_batches),
+                        inputs_for(False), w.device, w.amp)
+    return tr, va
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _reduce_metrics(
+    w: Worker, epoch: int, lr: float, nodes: int, tr: EpochResult, va: EpochResult | None
+) -> dict[str, Any]:
+    """The epoch's metrics row, its sums added up across the ranks (validation: rank 0's alone)."""
+    va_sum, va_n, va_w5, va_sec = (va.abs_err_sum, va.count, va.within5, va.seconds) if va else (0.0, 0.0, 0.0, 0.0)
+    tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5 = _all_reduce(
+        [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5], w.device
+    )
+    return {
+        "epoch": epoch,
+        "train_mae": tr_sum / max(tr_n, 1),
+        "val_mae": va_sum / max(va_n, 1),
+        "val_cs5": va_w5 / max(va_n, 1),
+        "lr": lr,
+        "images_per_s": tr_n / max(tr_sec / w.world_size, 1e-9),
+        "epoch_seconds": tr.seconds + va_sec,
+        "workers": w.world_size,
+        "nodes": nodes,
+    }
+
+
+def _report_checkpoint(w: Worker, epoch: int, metrics: dict[str, Any]) -> None:
+    """Report the epoch's metrics to Ray Train, with rank 0's checkpoint of it (its history beside it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            save_checkpoint(tmp, w.model, w.model_cfg, w.prep, train_cfg=w.cfg.to_dict(), metrics=metrics,
+                            epoch=epoch, train_state=_train_state(w), history=w.history)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Restore, then each epoch: train and validate, reduce the metrics across ranks, report a checkpoint."""
+    w = _start_worker(config)
+    if _restore(w) and w.stopper.should_stop:
+        return
+    w.module = ray.train.torch.prepare_model(w.module, parallel_strategy_kwargs={"find_unused_parameters": False})
+    generator = torch.Generator().manual_seed(w.cfg.seed * 1000 + w.rank)
+    criterion = loss_fn(w.cfg.loss)
     nodes = _count_nodes()
-
-    def inputs_for(train: bool):
-        return lambda batch: batch_inputs(batch, cfg.mode, prep, train, cfg, generator, device)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        lr = schedule.lr
-        train_batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8, drop_last=True,
-            local_shuffle_seed=cfg.seed + epoch * 1000 + rank,
-        )
-        on_progress = None
-        if rank == 0 and config.get("progress") is not None:
-            def on_progress(step: int, mae: float, epoch: int = epoch) -> None:
-                send(config["progress"], {"kind": "step", "epoch": epoch, "step": step, "steps": steps_per_epoch,
-                                          "train_mae": mae})
-        tr = train_epoch(module, ({k: b[k] for k in columns} for b in train_batches), optimizer, schedule,
-                         criterion, inputs_for(True), device, amp, on_progress=on_progress)
-        # Validation runs on rank 0 over the whole (unsplit) validation set, on the unwrapped module so
-        # that no collective is involved; the sums below carry its result to every rank.
-        va_sum = va_n = va_w5 = va_sec = 0.0
-        if rank == 0:
-            val_batches = val_shard.iter_torch_batches(batch_size=cfg.batch_size * 2)
-            va = evaluate_epoch(getattr(module, "module", module), ({k: b[k] for k in columns} for b in val_batches),
-                                inputs_for(False), device, amp)
-            va_sum, va_n, va_w5, va_sec = va.abs_err_sum, va.count, va.within5, va.seconds
-        tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5 = _all_reduce(
-            [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5], device
-        )
-        row = {
-            "epoch": epoch,
-            "train_mae": tr_sum / max(tr_n, 1),
-            "val_mae": va_sum / max(va_n, 1),
-            "val_cs5": va_w5 / max(va_n, 1),
-            "lr": lr,
-            "images_per_s": tr_n / max(tr_sec / ctx.get_world_size(), 1e-9),
-            "epoch_seconds": tr.seconds + va_sec,
-            "workers": ctx.get_world_size(),
-            "nodes": nodes,
-        }
-        history.append(row)
-        stopper.update(row["val_mae"])
-        schedule.epoch_end(row["val_mae"])
-        metrics = {**row, "best_val_mae": stopper.best, "stopped": stopper.should_stop}
-        if rank == 0:
-            send(config.get("progress"), {"kind": "epoch", "row": metrics})
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp, model, model_cfg, prep, train_cfg=cfg.to_dict(),
-                    metrics={**metrics, "history": history}, epoch=epoch,
-                    train_state={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                 "early_stopping": stopper.state_dict()},
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        if stopper.should_stop:
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        lr = w.optimizer.param_groups[0]["lr"]
+        row = _reduce_metrics(w, epoch, lr, nodes, *_run_epoch(w, epoch, criterion, generator))
+        w.history.append(row)
+        w.stopper.update(row["val_mae"])
+        w.schedule.epoch_end(row["val_mae"])
+        metrics = {**row, "best_val_mae": w.stopper.best, "stopped": w.stopper.should_stop}
+        if w.rank == 0:
+            send(w.progress, {"kind": "epoch", "row": metrics})
+        _report_checkpoint(w, epoch, metrics)
+        if w.stopper.should_stop:
             break
 
 
 # ---- on the driver -----------------------------------------------------------------------------
-
-
-def _cache_key(prepared: str, prep: Preprocessing, cut_stage: int | None, weights: dict[str, torch.Tensor]) -> str:
-    """Changes with the prepared set, the preprocessing, the cut, or any weight of the network."""
-    h = hashlib.sha1(json.dumps({"prepared": read_prepare_info(prepared), "prep": prep.to_dict(), "cut": cut_stage},
-                                sort_keys=True).encode())
-    for name, tensor in weights.items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def build_feature_cache(
-    prepared: str, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None,
-    model: torch.nn.Module, cache_root: str | None = None,
-) -> dict[str, str]:
-    """Run the lower network once over train and val (both views); reused while its inputs are unchanged.
-
-    ``model`` is the network that training starts from, so the cached activations come from exactly
-    the lower part that the checkpoint will hold (random weights included); the cache key hashes
-    that lower part's weights, so runs that differ only above the cut share one cache.
-    """
-    lower = split_model(model, cut_stage)[0]
-    # a folder or a URI that every node reaches: Ray Data's tasks write it wherever they run
-    root = storage.join(cache_root or storage.join(prepared, "cache"),
-                        _cache_key(prepared, prep, cut_stage, lower.state_dict()))
-    paths = {split: storage.join(root, f"split={split}") for split in ("train", "val")}
-    complete = storage.join(root, "_COMPLETE")
-    if storage.exists(complete):
-        log.info("feature cache: reusing %s", root)
-        return paths
-    start = time.perf_counter()
-    storage.delete_dir(root)  # what an interrupted build left behind
-    weights = {k: v.cpu() for k, v in model.state_dict().items()}
-    gpu = ray.cluster_resources().get("GPU", 0) > 0
-    options, threads = model_actor_options(gpu)
-    # both splits in one pass: one pool of model actors to start, not one per split
-    parts = [
-        read_parquet(split_dir(prepared, split)).select_columns(["image", "age"])
-        .add_column("split", lambda t, split=split: pa.array([split] * t.num_rows), batch_format="pyarrow")
-        for split in paths
-    ]
-    parts[0].union(*parts[1:]).map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
-                               "threads": threads, "device": "cuda" if gpu else "cpu"},
-        batch_size=16, batch_format="numpy", **options,
-    ).write_parquet(root, partition_cols=["split"])
-    storage.write_text(complete, "")  # last: a cache without it is rebuilt
-    log.info("feature cache: %s in %.0f s", root, time.perf_counter() - start)
-    return paths
-
-
-def _fragments(path: str) -> list[pa_ds.Fragment]:
-    fs, inner = storage.filesystem(path)
-    return list(pa_ds.dataset(inner, filesystem=fs, format="parquet").get_fragments())
-
-
-def resolve_cut(model_cfg: ModelConfig, cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
-    if cfg.mode == "partial" and cfg.cut_stage is None:
-        return TrainConfig.from_dict({**cfg.to_dict(), "cut_stage": default_cut_stage(model.backbone)})
-    return cfg
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """Everything trials of one prepared set share: configs, datasets (or feature cache), initial weights."""
-
-    prepared: str
-    model_cfg: ModelConfig
-    cfg: TrainConfig
-    prep: Preprocessing
-    datasets: dict[str, ray.data.Dataset]
-    initial_weights: ray.ObjectRef
-    train_rows: int
-    cpus_per_worker: float
-
-
-def setup_run(
-    prepared: str,
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    *,
-    cpus_per_worker: float | None = None,
-    cache_dir: str | None = None,
-    address: str | None = None,
-) -> RunSetup:
-    """Resolve the configs against the prepared set, load the pretrained weights once, build the inputs."""
-    info = read_prepare_info(prepared)
-    ages = info["splits"]["train"]
-    # regress standardised ages; the scaling travels in the checkpoint's model config
-    model_cfg = dataclasses.replace(model_cfg, target_mean=round(ages["mean"], 2),
-                                    target_scale=round(max(ages["std"], 1.0), 2))
-    default_prep = default_preprocessing(model_cfg.backbone)
-    # the landmark layout of the training crops, onto which detected faces are aligned at inference
-    prep = Preprocessing(info["image_size"], default_prep.mean, default_prep.std, info["interpolation"],
-                         face_template=template_from_prepared(prepared))
-    with torch.random.fork_rng():  # one seed, one initial network: reproducible, and the feature cache is reused
-        torch.manual_seed(cfg.seed)
-        model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
-    cfg = resolve_cut(model_cfg, cfg, model)
-
-    init_ray(address)
-    if cfg.mode == "finetune":
-        data = {s: split_dir(prepared, s) for s in ("train", "val")}
-        columns = ["image", "age"]
-    else:
-        data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
-                                   model, cache_dir)
-        columns = ["features", "age"]
-    if cfg.mode == "frozen":
-        # pooled embeddings are small (15,745 faces: about 80 MB); held in the object store, an epoch
-        # no longer re-reads Parquet, which otherwise costs more than training the head does
-        datasets = {s: ray.data.from_arrow([f.to_table(columns=columns) for f in _fragments(p)])
-                    for s, p in data.items()}
-    else:
-        # reads are light (the shards hold decoded arrays): a quarter CPU each fits them beside
-        # workers that leave less than a CPU free on a node
-        datasets = {s: read_parquet(p, num_cpus=0.25).select_columns(columns) for s, p in data.items()}
-    datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    if cpus_per_worker is None:  # leave a CPU for Ray Data, or the workers starve the input pipeline
-        cpus_per_worker = 1.0 if cfg.gpu else max(0.25, min(4.0, (cpus - 1) / cfg.workers))
-    weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
-    return RunSetup(str(prepared), model_cfg, cfg, prep, datasets, weights, info["counts"]["train"], cpus_per_worker)
 
 
 def make_trainer(
@@ -415,25 +346,23 @@ def train(
 
 def export_best(result: ray.train.Result, best: Path) -> None:
     """Copy the run's checkpoint with the lowest validation MAE to ``best``, less the optimiser state."""
-    best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1]["val_mae"])
-    shutil.rmtree(best, ignore_errors=True)
-    with best_ckpt.as_directory() as d:  # inference needs no optimiser state
-        shutil.copytree(d, best, ignore=shutil.ignore_patterns(TRAIN_STATE))
+    with result.get_best_checkpoint("val_mae", "min").as_directory() as d:  # inference needs no optimiser state
+        copy_checkpoint(d, best)
 
 
 def finish(result: ray.train.Result, out: Path) -> dict[str, Any]:
-    """Copy the best checkpoint to OUT/best and draw the per-epoch metrics from the latest one."""
+    """Copy the best checkpoint to OUT/best; write and draw the per-epoch metrics from the latest one's history."""
     if result.error:
         raise result.error
     best = out / "best"
     export_best(result, best)
     with result.checkpoint.as_directory() as latest:
-        history = pd.DataFrame(read_meta(latest)["metrics"]["history"])
+        history = pd.DataFrame(read_history(latest))
     history.to_csv(out / "metrics.csv", index=False)
     plots.learning_curves(history, out / "curves.png")
     meta = read_meta(best)
     log.info("best validation MAE %.3f at epoch %d of %d run", meta["metrics"]["val_mae"], meta["epoch"], len(history))
-    return {k: v for k, v in meta["metrics"].items() if k != "history"}
+    return dict(meta["metrics"])
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:

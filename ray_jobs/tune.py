@@ -30,15 +30,14 @@ from agecore.config import ModelConfig, TrainConfig
 from agecore.errors import InvalidInput
 from ray_jobs.common import setup_logging
 from ray_jobs.options import add_config_arguments, config_from_args, override_defaults, parse_with_config
+from ray_jobs.run_setup import RunSetup, setup_run
 from ray_jobs.train import (
-    RunSetup,
     add_ray_arguments,
     add_training_arguments,
     configs_from_args,
     defaults_from_run,
     export_best,
     make_trainer,
-    setup_run,
 )
 
 log = logging.getLogger("ray_jobs.tune")

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from agecore.checkpoint import read_history, read_meta
 from agecore.config import ModelConfig, TrainConfig
 from agecore.predictor import Predictor
 from agecore.training import EarlyStopping
@@ -38,6 +39,11 @@ def check_run(out, mode, epochs):
     assert (history["workers"] == 2).all() and (history["nodes"] == 1).all()
     meta = json.loads((out / "best" / "checkpoint.json").read_text())
     assert meta["train"]["mode"] == mode and meta["preprocessing"]["input_size"] == 64
+    # the checkpoint's metrics are its epoch's; beside them, one history row per epoch up to it
+    assert "history" not in meta["metrics"] and meta["metrics"]["epoch"] == meta["epoch"]
+    reached = pd.DataFrame(read_history(out / "best"))
+    assert reached["epoch"].tolist() == list(range(meta["epoch"] + 1))
+    pd.testing.assert_frame_equal(reached, history.iloc[:meta["epoch"] + 1], check_exact=False, check_dtype=False)
     # the checkpoint predicts from plain images, without Ray, whatever mode trained it
     predictor = Predictor(out / "best")
     ages = predictor.predict([Image.new("RGB", (100, 80), (120, 90, 70)), np.zeros((64, 64, 3), np.uint8)])
@@ -102,6 +108,12 @@ def test_partial_run_predicts_then_resumes_and_stops_early(sealed, prepared_smal
     check_run(tmp_path, "partial", epochs=3)
     resumed = pd.read_csv(tmp_path / "metrics.csv")
     pd.testing.assert_frame_equal(resumed.iloc[:2], first, check_exact=False)
+    # the latest checkpoint's history continues the first run's: its rows, then the resumed epoch
+    kept = [meta.parent for meta in (tmp_path / "ray_train").rglob("checkpoint.json")]
+    latest = max(kept, key=lambda d: read_meta(d)["epoch"])
+    continued = pd.DataFrame(read_history(latest))
+    assert continued["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(continued.iloc[:2], first, check_exact=False, check_dtype=False)
 
     # `age evaluate` on the prepared folder reports the held-out test split, with the validation calibration
     unseal(sealed, prepared_small)
