@@ -16,7 +16,7 @@ from agecore import storage
 from agecore.config import ModelConfig, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.model import default_preprocessing
-from agecore.prepare import attach_split, decode_batch, plan_splits, write_report
+from agecore.prepare import SplitPlan, attach_split, decode_batch, plan_splits, write_report
 from ray_jobs.common import init_ray, setup_logging
 from ray_jobs.options import add_config_arguments, config_from_args, override_defaults
 
@@ -25,10 +25,8 @@ log = logging.getLogger("ray_jobs.prepare")
 META_COLUMNS = ["path", "age", "digest", "error_reason", "error_detail"]
 
 
-def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | None = None) -> dict:
-    """Run the whole preparation; returns the report summary. Raises on ``strict`` rejects."""
-    start = time.perf_counter()
-    out = storage.absolute(cfg.out)
+def _read_labels(cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The labelled rows, shuffled; the rows whose labels are unusable; the layout they were read as."""
     records, fmt = read_records(cfg.data, cfg.format)
     log.info("%s: %d rows read as %s", cfg.data, len(records), fmt)
     records, label_rejects = validate_labels(records, cfg.max_age)
@@ -37,10 +35,13 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
     records = records.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     if cfg.strict and len(label_rejects):
         raise ValueError(f"--strict: {len(label_rejects)} label rows rejected, first: {label_rejects.iloc[0].to_dict()}")
+    return records, label_rejects, fmt
 
-    init_ray(address)
+
+def _decode(records: pd.DataFrame, cfg: PrepareConfig, interpolation: str) -> ray.data.Dataset:
+    """Every image decoded and resized once, in Ray Data tasks, and kept for the two passes that read it."""
     n_blocks = max(2, min(200, len(records) // 256))
-    decoded = (
+    return (
         ray.data.from_pandas(records)
         .repartition(n_blocks)
         .map_batches(
@@ -50,28 +51,32 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
             batch_size=64,
             batch_format="numpy",
         )
-        .materialize()  # decoded once; the metadata pass and the write below both read it
+        .materialize()  # decoded once; the metadata pass and the shard write both read it
     )
-    meta = decoded.select_columns(META_COLUMNS).to_pandas()
-    plan = plan_splits(meta, cfg)
+
+
+def _all_rejects(cfg: PrepareConfig, label_rejects: pd.DataFrame, plan: SplitPlan) -> pd.DataFrame:
+    """The label and image rejects together; raises on ``strict`` rejects, or when no image is usable."""
     rejects = pd.concat([label_rejects, plan.rejects], ignore_index=True)[REJECT_COLUMNS]
     if cfg.strict and len(rejects):
         raise ValueError(f"--strict: {len(rejects)} rows rejected, first: {rejects.iloc[0].to_dict()}")
     if not plan.split_of_path:
         raise ValueError(f"{cfg.data}: no usable image; see the reasons in the rejects ({len(rejects)} rows)")
+    return rejects
 
+
+def _write_shards(decoded: ray.data.Dataset, split_of_path: dict[str, str], out: str) -> None:
+    """The accepted images as Parquet shards under ``out/data/split=...``, replacing any earlier run's."""
     data_dir = storage.join(out, "data")
     storage.delete_dir(data_dir)  # a rerun replaces the shards rather than mixing two runs
     # the shards go straight to OUT (a folder or a URI), written by Ray Data's tasks wherever they run
     decoded.map_batches(
-        attach_split, fn_kwargs={"split_of_path": plan.split_of_path}, batch_format="numpy"
+        attach_split, fn_kwargs={"split_of_path": split_of_path}, batch_format="numpy"
     ).write_parquet(data_dir, partition_cols=["split"])
 
-    kept = meta[meta["path"].isin(plan.split_of_path)].copy()
-    kept["split"] = kept["path"].map(plan.split_of_path)
-    with storage.output_dir(out) as local:
-        summary = write_report(local, cfg, fmt, len(records) + len(label_rejects), kept, rejects,
-                               time.perf_counter() - start, interpolation)
+
+def _log_summary(summary: dict, out: str) -> None:
+    """One line of counts and speed, then the report's warnings."""
     log.info(
         "accepted %d, rejected %d %s; splits %s; %.1f images/s; report in %s",
         summary["accepted"], summary["rejected"], summary["rejected_by_reason"] or "",
@@ -80,6 +85,25 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
     )
     for warning in summary["warnings"]:
         log.warning(warning)
+
+
+def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | None = None) -> dict:
+    """Run the whole preparation; returns the report summary. Raises on ``strict`` rejects."""
+    start = time.perf_counter()
+    out = storage.absolute(cfg.out)
+    records, label_rejects, fmt = _read_labels(cfg)
+    init_ray(address)
+    decoded = _decode(records, cfg, interpolation)
+    meta = decoded.select_columns(META_COLUMNS).to_pandas()
+    plan = plan_splits(meta, cfg)
+    rejects = _all_rejects(cfg, label_rejects, plan)
+    _write_shards(decoded, plan.split_of_path, out)
+    kept = meta[meta["path"].isin(plan.split_of_path)].copy()
+    kept["split"] = kept["path"].map(plan.split_of_path)
+    with storage.output_dir(out) as local:
+        summary = write_report(local, cfg, fmt, len(records) + len(label_rejects), kept, rejects,
+                               time.perf_counter() - start, interpolation)
+    _log_summary(summary, out)
     return summary
 
 

@@ -24,6 +24,7 @@ import argparse
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -133,57 +134,83 @@ def path_blocks(paths: list[str], batch_size: int, actors: int) -> tuple[ray.dat
     return ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks]), rows
 
 
-def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
-          gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
-          detect_faces: bool = False, precision: str | None = None) -> dict:
-    read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
-    if detect_faces:
-        require_mtcnn()  # and so does a missing face detector
-    schema = FACES_SCHEMA if detect_faces else SCHEMA
-    paths = list_images(input)
+def _open_output(out: str, schema: pa.Schema) -> tuple[pyarrow.fs.FileSystem, str, set[str]]:
+    """The output folder, created, less the parts an interrupted run did not finish; and the paths already done."""
     fs, root = storage.filesystem(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
         if stale.base_name.startswith(".tmp-"):  # a part an interrupted run did not finish writing
             fs.delete_file(stale.path)
-    done = done_paths(out, schema)
-    todo = [p for p in dict.fromkeys(paths) if p not in done]
-    log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
-    start, written, failed, faces, no_face = time.perf_counter(), 0, 0, 0, 0
-    actors = threads = 0
-    if todo:
-        init_ray(address)
-        # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
-        options, threads = model_actor_options(gpu, concurrency, cpus_per_actor=1)
-        actors = options["compute"].min_size
-        ds, rows = path_blocks(todo, batch_size, actors)
-        scored = ds.map_batches(
-            BatchPredictor,
-            fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                                   "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces,
-                                   "precision": precision},
-            batch_size=rows, batch_format="numpy", **options,
-        )
-        batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
-        for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
-            _write_part(fs, root, batch, i, schema)
-            if detect_faces:  # rows are faces here; a photo without a face is not an unusable image
-                is_no_face = batch["error"].str.startswith("no_face:")
-                written += batch["path"].nunique()
-                failed += int(((batch["error"] != "") & ~is_no_face).sum())
-                faces += int(batch["face"].notna().sum())
-                no_face += int(is_no_face.sum())
-            else:
-                written += len(batch)
-                failed += int((batch["error"] != "").sum())
-            log.info("scored %d / %d (%.1f images/s)", written, len(todo), written / (time.perf_counter() - start))
-    seconds = time.perf_counter() - start
+    return fs, root, done_paths(out, schema)
+
+
+def _predictions(
+    todo: list[str], checkpoint: str, batch_size: int, concurrency: int | None, gpu: bool, detect_faces: bool,
+    precision: str | None,
+) -> tuple[ray.data.Dataset, int, int]:
+    """The scored rows of ``todo`` (lazy), and the predictor actors and threads that compute them."""
+    # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
+    options, threads = model_actor_options(gpu, concurrency, cpus_per_actor=1)
+    actors = options["compute"].min_size
+    ds, rows = path_blocks(todo, batch_size, actors)
+    scored = ds.map_batches(
+        BatchPredictor,
+        fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
+                               "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces,
+                               "precision": precision},
+        batch_size=rows, batch_format="numpy", **options,
+    )
+    return scored, actors, threads
+
+
+def _tally(batch: pd.DataFrame, detect_faces: bool) -> Counter:
+    """Images written and unusable in a part; with ``detect_faces``, faces found and photos without one."""
+    if not detect_faces:
+        return Counter(written=len(batch), failed=int((batch["error"] != "").sum()))
+    # rows are faces here; a photo without a face is not an unusable image
+    is_no_face = batch["error"].str.startswith("no_face:")
+    return Counter(written=batch["path"].nunique(), failed=int(((batch["error"] != "") & ~is_no_face).sum()),
+                   faces=int(batch["face"].notna().sum()), no_face=int(is_no_face.sum()))
+
+
+def _summary(input: str, paths: list[str], todo: list[str], counts: Counter, actors: int, threads: int,
+             seconds: float, detect_faces: bool) -> dict:
+    """What ``score`` returns and logs: the images seen, skipped, scored and unusable, and the speed."""
+    written = counts["written"]
     summary = {"input": input, "images": len(paths), "skipped_already_scored": len(paths) - len(todo),
-               "scored_now": written, "unusable_now": failed, "actors": actors, "threads": threads,
+               "scored_now": written, "unusable_now": counts["failed"], "actors": actors, "threads": threads,
                "seconds": round(seconds, 1),
                "images_per_second": round(written / seconds, 1) if written else None}
     if detect_faces:
-        summary.update(faces_found_now=faces, images_without_face_now=no_face)
+        summary.update(faces_found_now=counts["faces"], images_without_face_now=counts["no_face"])
+    return summary
+
+
+def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
+          gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
+          detect_faces: bool = False, precision: str | None = None) -> dict:
+    """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did."""
+    read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
+    if detect_faces:
+        require_mtcnn()  # and so does a missing face detector
+    schema = FACES_SCHEMA if detect_faces else SCHEMA
+    paths = list_images(input)
+    fs, root, done = _open_output(out, schema)
+    todo = [p for p in dict.fromkeys(paths) if p not in done]
+    log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
+    start, counts = time.perf_counter(), Counter()
+    actors = threads = 0
+    if todo:
+        init_ray(address)
+        scored, actors, threads = _predictions(todo, checkpoint, batch_size, concurrency, gpu, detect_faces,
+                                               precision)
+        batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
+        for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
+            _write_part(fs, root, batch, i, schema)
+            counts.update(_tally(batch, detect_faces))
+            log.info("scored %d / %d (%.1f images/s)", counts["written"], len(todo),
+                     counts["written"] / (time.perf_counter() - start))
+    summary = _summary(input, paths, todo, counts, actors, threads, time.perf_counter() - start, detect_faces)
     log.info("done: %s", summary)
     return summary
 
