@@ -183,7 +183,7 @@ def build_report(
         report["faces"] = face_summary(table, out)
     if meta:
         report["checkpoint"] = {"backbone": meta["model"]["backbone"], "epoch": meta.get("epoch"),
-                                "train_val_mae": meta.get("metrics", {}).get("val_mae")}
+                                "val_mae": meta.get("metrics", {}).get("val_mae")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plots.predicted_vs_true(true, pred, out / "scatter.png")
     plots.error_by_age(true, pred, out / "error_by_age.png")
@@ -279,8 +279,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "| MAE | RMSE | median AE | bias | CS@1 | CS@3 | CS@5 | CS@10 |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {m['mae']:.2f} | {m['rmse']:.2f} | {m['median_ae']:.2f} | {m['bias']:+.2f} | {m['cs@1']:.1%} | "
-        f"{m['cs@3']:.1%} | {m['cs@5']:.1%} | {m['cs@10']:.1%} |",
+        f"| {m['mae']:.2f} | {m['rmse']:.2f} | {m['median_ae']:.2f} | {m['bias']:+.2f} | {m['cs1']:.1%} | "
+        f"{m['cs3']:.1%} | {m['cs5']:.1%} | {m['cs10']:.1%} |",
         "",
         "## Per age band (true age)",
         "",

@@ -1,6 +1,10 @@
 """Age-regression metrics: MAE, RMSE, CS@k, bias, and the same per age band or group; and the
 age-verification verdicts of ``/v1/verify`` with their error rates.
 
+Each metric has one key wherever it is stored (report JSON, CSV columns; split-prefixed in the
+per-epoch rows of training, as ``val_mae``, ``val_cs5``): CS@k, the share of estimates within k
+years, is ``cs{k}`` (``cs5``); "CS@5" is its label in tables and plots only.
+
 A *calibration* is the dict that ``agecore.evaluate.calibration`` builds (and ``calibration.json``
 holds): signed-error quantiles ``q0.05`` ... ``q0.95`` per band of the estimate, and ``overall``.
 """
@@ -27,7 +31,7 @@ def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Headline metrics of predicted against true ages (years).
 
     >>> m = summary(np.array([20.0, 30.0, 44.0]), np.array([21.0, 30.0, 40.0]))
-    >>> m["mae"], m["bias"], m["cs@1"], m["cs@5"]
+    >>> m["mae"], m["bias"], m["cs1"], m["cs5"]
     (1.6667, 1.0, 0.6667, 1.0)
     """
     pred = np.asarray(pred, dtype=np.float64)
@@ -44,7 +48,7 @@ def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         "bias": float(err.mean()),
     }
     for k in CS_THRESHOLDS:
-        out[f"cs@{k}"] = float(np.mean(abs_err <= k))
+        out[f"cs{k}"] = float(np.mean(abs_err <= k))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

@@ -92,7 +92,7 @@ def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str
         report = build_report(table, local, meta, split=split, calibration=cal, calibration_note=note)
     m = report["metrics"]
     log.info("%s: MAE %.3f  RMSE %.3f  CS@5 %.1f%%  bias %+.2f on %d images (%d unscored); report in %s",
-             f"split {split}" if split else data, m["mae"], m["rmse"], 100 * m["cs@5"], m["bias"], report["scored"],
+             f"split {split}" if split else data, m["mae"], m["rmse"], 100 * m["cs5"], m["bias"], report["scored"],
              report["unscored"], out)
     log.info("verification figures: calibration %s", note)
     return report

@@ -18,7 +18,7 @@ def test_summary_golden_numbers():
     assert m["rmse"] == pytest.approx(np.sqrt(265 / 10), abs=1e-4)
     assert m["median_ae"] == pytest.approx(2.0)
     assert m["bias"] == pytest.approx(0.5)
-    assert (m["cs@1"], m["cs@3"], m["cs@5"], m["cs@10"]) == (0.5, 0.6, 0.6, 1.0)
+    assert (m["cs1"], m["cs3"], m["cs5"], m["cs10"]) == (0.5, 0.6, 0.6, 1.0)
     assert err.sum() == 5
 
 
