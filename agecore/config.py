@@ -20,7 +20,7 @@ from agecore.images import MAX_PIXELS, MIN_SIDE
 Format = Literal["auto", "labels-csv", "utkface", "manifest"]
 Mode = Literal["finetune", "partial", "frozen"]
 Loss = Literal["l1", "smooth_l1"]
-Schedule = Literal["cosine", "plateau", "constant"]
+Schedule = Literal["cosine", "wsd", "constant"]
 Optimizer = Literal["adam", "adamw"]
 Pretrained = Literal["hub", "file", "none"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -135,7 +135,7 @@ class TrainConfig(_Serializable):
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay of the optimiser"})
     optimizer: Optimizer = field(default="adamw", metadata={"help": "optimiser"})
     schedule: Schedule = field(
-        default="cosine", metadata={"help": "learning-rate schedule after the warm-up"})
+        default="cosine", metadata={"help": "learning-rate schedule after the warm-up (timm's; wsd: stable, then decay over the last fifth)"})
     warmup_epochs: float = field(
         default=1.0, metadata={"help": "epochs of linear learning-rate warm-up (fractions allowed)"})
     batch_size: int = field(default=64, metadata={"help": "training images per worker and step"})
@@ -150,7 +150,12 @@ class TrainConfig(_Serializable):
     random_crop_scale: tuple[float, float] = field(
         default=(0.8, 1.0), metadata={"help": "area range (lo hi) of random training crops"})
     color_jitter: float = field(
-        default=0.2, metadata={"help": "strength of random brightness/contrast/saturation changes in training"})
+        default=0.2, metadata={"help": "strength of random brightness/contrast changes in training"})
+    rotate_degrees: float = field(
+        default=10.0, metadata={"help": "random rotation of training faces, up to this many degrees either way"})
+    degrade: float = field(default=0.3, metadata={"help": (
+        "share of training faces shown as real photos spoil them: grey, sepia or a colour cast, blur, "
+        "low resolution, noise, JPEG (agecore.augment); partial and frozen modes cache one such view a face")})
     tta_flip: bool = field(
         default=True, metadata={"help": "validate on the average of each face and its mirror image (the predictor's default)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept, by lowest validation MAE"})
@@ -172,6 +177,8 @@ class TrainConfig(_Serializable):
         lo, hi = self.random_crop_scale
         _check(0 < lo <= hi <= 1, f"random_crop_scale must satisfy 0 < lo <= hi <= 1, got {self.random_crop_scale}")
         _check(0 <= self.color_jitter < 1, f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        _check(0 <= self.rotate_degrees <= 45, f"rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
+        _check(0 <= self.degrade <= 1, f"degrade must be in [0, 1], got {self.degrade}")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 

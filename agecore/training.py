@@ -1,5 +1,6 @@
-"""Training pieces that need no cluster: augmentation, optimiser and schedule, early stopping,
-the feature cache of the CPU paths, and one epoch of training or validation.
+"""Training pieces that need no cluster: optimiser and schedule (timm's), early stopping, the
+feature cache of the CPU paths, and one epoch of training or validation (augmentation:
+``agecore.augment``).
 
 ``ray_jobs.train`` runs these inside Ray Train workers; a test or notebook can run them on
 plain iterables of batches.
@@ -11,15 +12,18 @@ import dataclasses
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from agecore.augment import augment, degrade, degrade_some
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.images import normalize
 from agecore.model import create_model, freeze_graph, split_model
@@ -31,108 +35,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---- augmentation -------------------------------------------------------------------------------
-
-
-def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop, horizontal flip and brightness/contrast jitter, drawn per image.
-
-    A uint8 NHWC batch in, float NHWC in [0, 255] out (``normalize`` takes either), on the batch's
-    device. Crop and flip are one affine resampling of the whole batch (``grid_sample``), so a GPU
-    runs it in a few kernels rather than a loop over images; the crop keeps the image's aspect
-    ratio and covers ``random_crop_scale`` of its area.
-    """
-    n, h, w, _ = images.shape
-    r = torch.rand(n, 6, generator=generator).to(images.device)
-    x = images.permute(0, 3, 1, 2).float()
-    lo, hi = cfg.random_crop_scale
-    if (lo, hi) != (1.0, 1.0) or cfg.flip:
-        side = torch.sqrt(lo + (hi - lo) * r[:, 0])  # crop side / image side
-        mirror = torch.where(r[:, 3] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones_like(side)
-        theta = torch.zeros(n, 2, 3, device=images.device)  # output -> input coordinates in [-1, 1]
-        theta[:, 0, 0] = side * mirror
-        theta[:, 1, 1] = side
-        theta[:, 0, 2] = (2 * r[:, 2] - 1) * (1 - side)  # crop centre: anywhere the crop stays inside
-        theta[:, 1, 2] = (2 * r[:, 1] - 1) * (1 - side)
-        grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if cfg.color_jitter > 0:
-        j = cfg.color_jitter
-        brightness = (1 + j * (2 * r[:, 4] - 1)).view(n, 1, 1, 1)
-        contrast = (1 + j * (2 * r[:, 5] - 1)).view(n, 1, 1, 1)
-        x = (x * brightness).clamp_(0, 255)
-        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(n, 1, 1, 1)
-        x = ((x - grey) * contrast + grey).clamp_(0, 255)
-    return x.permute(0, 2, 3, 1)
-
-
 # ---- optimisation -------------------------------------------------------------------------------
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Linear warm-up, then cosine decay to 1% (or constant).
-
-    >>> [round(lr_factor(s, 10, 2, "cosine"), 3) for s in (0, 1, 2, 10)]
-    [0.5, 1.0, 1.0, 0.01]
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule != "cosine":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimiser over the trainable parameters; no weight decay on norm layers and biases."""
+    return create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Schedule:
-    """Per-step warm-up + cosine, or per-epoch reduce-on-plateau; its state goes in checkpoints."""
+    """timm's learning-rate schedule (``create_scheduler_v2``) stepped per update; its position goes in checkpoints.
+
+    Linear warm-up from 1% of ``cfg.lr`` over ``cfg.warmup_epochs``, then cosine to 1% of it, a
+    warm-up-stable-decay ("wsd") schedule, or constant.
+
+    >>> opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    >>> s = Schedule(opt, TrainConfig(lr=0.1, epochs=2, warmup_epochs=0.5), steps_per_epoch=10)
+    >>> lrs = [s.lr] + [(s.step(), s.lr)[1] for _ in range(20)]
+    >>> [round(lrs[i], 4) for i in (0, 5, 10, 20)]
+    [0.001, 0.0855, 0.0505, 0.001]
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> None:
-        self.cfg = cfg
         self.optimizer = optimizer
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.total = cfg.epochs * steps_per_epoch
-        self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        self.step_count = 0
-        self.plateau = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
-            if cfg.schedule == "plateau" else None
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.schedule, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
         )
-        self._apply()
-
-    def _apply(self) -> None:
-        if self.plateau is not None and self.step_count >= self.warmup:
-            return
-        f = lr_factor(self.step_count, self.total, self.warmup, self.cfg.schedule)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            g["lr"] = base * f
+        self.updates = 0
 
     def step(self) -> None:
-        self.step_count += 1
-        self._apply()
-
-    def epoch_end(self, val_mae: float) -> None:
-        if self.plateau is not None and self.step_count >= self.warmup:
-            self.plateau.step(val_mae)
+        """After each optimiser step."""
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {"updates": self.updates, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = state["step_count"]
-        if self.plateau is not None and state["plateau"] is not None:
-            self.plateau.load_state_dict(state["plateau"])
-        self._apply()
+        self.updates = state["updates"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.step_update(self.updates)
 
 
 @dataclass
@@ -183,13 +130,16 @@ class FeatureExtractor:
     """The lower part of the network, run once over a data set for the CPU paths.
 
     A Ray Data ``map_batches`` callable class (one model load per actor): image batches in,
-    ``features`` out as (N, 2, ...) float16, the image and its mirror image, so training can
-    flip without running the lower part again and validation can average both views.
+    ``features`` out as (N, V, ...) float16. The views are the image and its mirror image, so
+    training can flip without running the lower part again and validation can average both;
+    with ``degraded`` (a training config) a third view is the image augmented by it and spoilt as
+    a real photo would spoil it (``agecore.augment.degrade``), drawn from the image's own bytes, so
+    a rebuilt cache holds the same views.
     """
 
     def __init__(
         self, model_cfg: ModelConfig, prep: Preprocessing, cut_stage: int | None, threads: int = 0,
-        device: str = "cpu", weights: dict[str, torch.Tensor] | None = None,
+        device: str = "cpu", weights: dict[str, torch.Tensor] | None = None, degraded: TrainConfig | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -205,12 +155,19 @@ class FeatureExtractor:
             lower = freeze_graph(lower, prep.input_size)
         self.lower = lower
         self.prep = prep
+        self.degraded = degraded
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = normalize(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device), self.prep)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        x = normalize(images.to(self.device), self.prep)
+        inputs = [x, torch.flip(x, dims=[3])]
+        if self.degraded is not None:
+            generator = torch.Generator().manual_seed(zlib.crc32(batch["image"].tobytes()))
+            spoilt = degrade(augment(images.to(self.device), self.degraded, generator), generator)
+            inputs.append(normalize(spoilt, self.prep))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            views = torch.stack([self.lower(x), self.lower(torch.flip(x, dims=[3]))], dim=1)
+            views = torch.stack([self.lower(v) for v in inputs], dim=1)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["features"] = views.to(torch.float16).cpu().numpy()
         return out
@@ -225,12 +182,16 @@ def batch_inputs(
     generator: torch.Generator,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """The model inputs of a batch: one view for training, one or two (TTA) for validation."""
+    """The model inputs of a batch: one view for training, one or two (TTA) for validation.
+
+    Training draws ``cfg.degrade`` of the faces spoilt as real photos are: on images, here on the
+    device; from cached features, their degraded view where the cache holds one.
+    """
     if mode == "finetune":
         # augment where the model runs: on a GPU, augmenting on the host would hold back the step
         images = batch["image"].to(device, non_blocking=True)
         if train:
-            images = augment(images, cfg, generator)
+            images = degrade_some(augment(images, cfg, generator), cfg.degrade, generator)
         x = normalize(images, prep)
         if train or not cfg.tta_flip:
             return [x]
@@ -242,9 +203,11 @@ def batch_inputs(
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     if train:
-        pick = torch.randint(0, 2, (feats.shape[0],), generator=generator) if cfg.flip else torch.zeros(
-            feats.shape[0], dtype=torch.long)
-        return [view(feats[torch.arange(feats.shape[0]), pick.to(device)])]
+        n = feats.shape[0]
+        pick = torch.randint(0, 2, (n,), generator=generator) if cfg.flip else torch.zeros(n, dtype=torch.long)
+        if feats.shape[1] > 2:  # the cache's degraded view
+            pick = torch.where(torch.rand(n, generator=generator) < cfg.degrade, 2, pick)
+        return [view(feats[torch.arange(n), pick.to(device)])]
     return [view(feats[:, 0]), view(feats[:, 1])] if cfg.tta_flip else [view(feats[:, 0])]
 
 

@@ -48,7 +48,7 @@ def train_rate(backbone: str, batch: int, steps: int, size: int = 224) -> float:
     cfg = TrainConfig(mode="finetune", batch_size=batch)
     model = create_model(model_cfg).to(device, memory_format=torch.channels_last)
     module = trainable_module(model, "finetune", None)
-    optimizer = make_optimizer(module.parameters(), cfg)
+    optimizer = make_optimizer(module, cfg)
     schedule = Schedule(optimizer, cfg, steps)
     generator = torch.Generator().manual_seed(0)
 

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from agecore import storage
+from agecore.augment import view_recipe
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.faces import template_from_prepared
 from agecore.model import create_model, default_cut_stage, default_preprocessing, split_model
@@ -33,10 +34,15 @@ log = logging.getLogger("ray_jobs.run_setup")
 SPLITS = ("train", "val")  # what training reads; the test split stays unread
 
 
-def _cache_key(prepared: str, prep: Preprocessing, cut_stage: int | None, weights: dict[str, torch.Tensor]) -> str:
-    """Changes with the prepared set, the preprocessing, the cut, or any weight of the network."""
-    h = hashlib.sha1(json.dumps({"prepared": read_prepare_info(prepared), "prep": prep.to_dict(), "cut": cut_stage},
-                                sort_keys=True).encode())
+def _cache_key(
+    prepared: str, prep: Preprocessing, cut_stage: int | None, weights: dict[str, torch.Tensor],
+    degraded: TrainConfig | None,
+) -> str:
+    """Changes with the prepared set, the preprocessing, the cut, the degraded view, or any weight of the network."""
+    inputs = {"prepared": read_prepare_info(prepared), "prep": prep.to_dict(), "cut": cut_stage}
+    if degraded is not None:
+        inputs["degraded"] = view_recipe(degraded)
+    h = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode())
     for name, tensor in weights.items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -50,8 +56,13 @@ def build_feature_cache(
     cut_stage: int | None,
     model: torch.nn.Module,
     cache_root: str | None = None,
+    degraded: TrainConfig | None = None,
 ) -> dict[str, str]:
-    """Run the lower network once over train and val (both views); reused while its inputs are unchanged.
+    """Run the lower network once over train and val; reused while its inputs are unchanged.
+
+    Each face is cached as two views, itself and its mirror image; with ``degraded`` (the run's
+    training config), a third: the face augmented and spoilt as a real photo would be
+    (``FeatureExtractor``), which training draws for ``TrainConfig.degrade`` of the faces.
 
     ``model`` is the network that training starts from, so the cached activations come from exactly
     the lower part that the checkpoint will hold (random weights included); the cache key hashes
@@ -60,7 +71,7 @@ def build_feature_cache(
     lower = split_model(model, cut_stage)[0]
     # a folder or a URI that every node reaches: Ray Data's tasks write it wherever they run
     root = storage.join(cache_root or storage.join(prepared, "cache"),
-                        _cache_key(prepared, prep, cut_stage, lower.state_dict()))
+                        _cache_key(prepared, prep, cut_stage, lower.state_dict(), degraded))
     paths = {split: storage.join(root, f"split={split}") for split in SPLITS}
     complete = storage.join(root, "_COMPLETE")
     if storage.exists(complete):
@@ -80,7 +91,7 @@ def build_feature_cache(
     parts[0].union(*parts[1:]).map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"model_cfg": model_cfg, "prep": prep, "cut_stage": cut_stage, "weights": weights,
-                               "threads": threads, "device": "cuda" if gpu else "cpu"},
+                               "threads": threads, "device": "cuda" if gpu else "cpu", "degraded": degraded},
         batch_size=16, batch_format="numpy", **options,
     ).write_parquet(root, partition_cols=["split"])
     storage.write_text(complete, "")  # last: a cache without it is rebuilt
@@ -136,7 +147,7 @@ def _datasets(
         columns = ["image", "age"]
     else:
         data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
-                                   model, cache_dir)
+                                   model, cache_dir, degraded=cfg if cfg.degrade > 0 else None)
         columns = ["features", "age"]
     if cfg.mode == "frozen":
         # pooled embeddings are small (15,745 faces: about 80 MB); held in the object store, an epoch

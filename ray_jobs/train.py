@@ -251,7 +251,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = _reduce_metrics(w, epoch, lr, nodes, *_run_epoch(w, epoch, criterion, generator))
         w.history.append(row)
         w.stopper.update(row["val_mae"])
-        w.schedule.epoch_end(row["val_mae"])
         metrics = {**row, "best_val_mae": w.stopper.best, "stopped": w.stopper.should_stop}
         if w.rank == 0:
             send(w.progress, {"kind": "epoch", "row": metrics})

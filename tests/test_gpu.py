@@ -40,10 +40,10 @@ def _batches(n_batches: int, batch: int = 32, seed: int = 0):
 def test_finetune_steps_learn_in_bf16_on_cuda():
     device = torch.device("cuda")
     cfg = TrainConfig(mode="finetune", epochs=3, lr=3e-3, batch_size=32, warmup_epochs=0.0, color_jitter=0.0,
-                      random_crop_scale=(1.0, 1.0))
+                      random_crop_scale=(1.0, 1.0), rotate_degrees=0.0, degrade=0.0)  # brightness is the label
     model = create_model(CFG).to(device, memory_format=torch.channels_last)
     module = trainable_module(model, "finetune", None)
-    optimizer = make_optimizer(module.parameters(), cfg)
+    optimizer = make_optimizer(module, cfg)
     schedule = Schedule(optimizer, cfg, steps_per_epoch=40)
     generator = torch.Generator().manual_seed(0)
 
@@ -60,9 +60,13 @@ def test_finetune_steps_learn_in_bf16_on_cuda():
     assert after.mae < 0.5 * before.mae, (before.mae, after.mae)
 
 
-def test_augmentation_runs_on_the_gpu():
+def test_augmentation_and_every_degradation_run_on_the_gpu(monkeypatch):
+    from agecore import augment
+
+    for family in ("COLOUR_P", "BLUR_P", "LOW_RES_P", "NOISE_P", "JPEG_P"):  # all of them, every face
+        monkeypatch.setattr(augment, family, 1.0)
     device = torch.device("cuda")
-    cfg = TrainConfig(mode="finetune")
+    cfg = TrainConfig(mode="finetune", degrade=1.0)
     batch = next(_batches(1))
     x = batch_inputs(batch, "finetune", PREP, True, cfg, torch.Generator().manual_seed(0), device)[0]
     assert x.device.type == "cuda" and x.shape == (32, 3, 64, 64) and torch.isfinite(x).all()
@@ -73,11 +77,12 @@ def test_feature_cache_on_cuda_matches_cpu():
     weights = create_model(CFG).state_dict()
     batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
              "age": np.arange(8, dtype=np.float32)}
-    cpu = FeatureExtractor(CFG, PREP, cut_stage=3, device="cpu", weights=weights)(dict(batch))["features"]
-    gpu = FeatureExtractor(CFG, PREP, cut_stage=3, device="cuda", weights=weights)(dict(batch))["features"]
-    assert gpu.shape == cpu.shape and gpu.dtype == np.float16
-    scale = np.abs(cpu.astype(np.float32)).mean()
-    assert np.abs(gpu.astype(np.float32) - cpu.astype(np.float32)).mean() < 0.02 * scale
+    degraded = TrainConfig()  # the third view: spoilt on the GPU (its JPEG codec differs: compared by shape)
+    cpu = FeatureExtractor(CFG, PREP, 3, device="cpu", weights=weights, degraded=degraded)(dict(batch))["features"]
+    gpu = FeatureExtractor(CFG, PREP, 3, device="cuda", weights=weights, degraded=degraded)(dict(batch))["features"]
+    assert gpu.shape == cpu.shape and gpu.shape[1] == 3 and gpu.dtype == np.float16
+    scale = np.abs(cpu[:, :2].astype(np.float32)).mean()
+    assert np.abs(gpu[:, :2].astype(np.float32) - cpu[:, :2].astype(np.float32)).mean() < 0.02 * scale
 
 
 def test_predictor_bf16_on_cuda_agrees_with_fp32(tmp_path, faces_root):
