@@ -33,7 +33,8 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
-    """Quantiles of the signed error (predicted - true) per band of the *predicted* age.
+    """Quantiles of the signed error (predicted - true) per band of the *predicted* age, and the
+    challenge age of each minimum age (``metrics.challenge_ages``).
 
     Serving knows only the prediction, so the bands are taken on it: "for estimates in 18-24,
     95% of true ages were above estimate - q95".
@@ -52,6 +53,7 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
         e = err[bands == i]
         if e.size:
             out["bands"][label] = {"count": int(e.size), **{f"q{q}": round(float(np.quantile(e, q)), 3) for q in QUANTILES}}
+    out["challenge"] = metrics.challenge_ages(true, pred)
     return out
 
 

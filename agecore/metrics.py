@@ -6,7 +6,9 @@ per-epoch rows of training, as ``val_mae``, ``val_cs5``): CS@k, the share of est
 years, is ``cs{k}`` (``cs5``); "CS@5" is its label in tables and plots only.
 
 A *calibration* is the dict that ``agecore.evaluate.calibration`` builds (and ``calibration.json``
-holds): signed-error quantiles ``q0.05`` ... ``q0.95`` per band of the estimate, and ``overall``.
+holds): signed-error quantiles ``q0.05`` ... ``q0.95`` per band of the estimate, and ``overall``;
+and ``challenge``: per whole minimum age, the estimate a face must exceed to be accepted
+(``challenge_ages``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ VERIFY_THRESHOLDS = (13, 16, 18, 21, 25)
 NEAR_THRESHOLD_YEARS = 5
 # the likely range [estimate - q0.95, estimate - q0.05] is meant to hold this share of true ages
 NOMINAL_COVERAGE = 0.9
+# at most this share of the people NEAR_THRESHOLD_YEARS under a minimum age is to be accepted
+CHALLENGE_SHARE = 0.05
+CHALLENGE_MIN_AGES = range(8, 41)
 
 
 def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -117,15 +122,54 @@ def likely_range(
     return low, high
 
 
-def verdicts(low: np.ndarray, high: np.ndarray, min_age: float) -> np.ndarray:
-    """'yes' where the whole likely range is at or over ``min_age``, 'no' where all of it is under,
-    'uncertain' where it straddles the threshold.
+def challenge_ages(
+    true: np.ndarray, pred: np.ndarray, min_ages: range = CHALLENGE_MIN_AGES, share: float = CHALLENGE_SHARE
+) -> dict[str, Any]:
+    """Per whole minimum age T: the estimate that at most ``share`` of the faces aged T-5 to T-1 exceed.
+
+    Estimates regress towards the mean, so minors just under a threshold are over-estimated more
+    often than the error quantiles of their estimate band show; a likely range alone lets about a
+    fifth of 13-17-year-olds through at 18. ``/v1/verify`` accepts a face only where its estimate
+    is above the challenge age of the threshold as well (the "Challenge 25" of age-assurance
+    practice, measured). The rank is the conformal one, ``ceil((n + 1) (1 - share))``: None where
+    fewer than ``1 / share - 1`` faces of the group were seen.
+
+    >>> true = np.array([13.0] * 19 + [30.0]); pred = np.linspace(10.0, 28.0, 20)
+    >>> c = challenge_ages(true, pred, range(18, 19))["by_min_age"]["18"]
+    >>> c["count"], c["estimate"]
+    (19, 27.05)
+    """
+    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    table = {}
+    for t in min_ages:
+        near = np.sort(pred[(true < t) & (true >= t - NEAR_THRESHOLD_YEARS)])
+        rank = int(np.ceil((len(near) + 1) * (1 - share)))
+        table[str(t)] = {"count": len(near), "estimate": round(float(near[rank - 1]), 2) if rank <= len(near) else None}
+    return {"share": share, "years_under": NEAR_THRESHOLD_YEARS, "by_min_age": table}
+
+
+def challenge_age(calibration: dict[str, Any] | None, min_age: float) -> float | None:
+    """The estimate a face must exceed to be accepted at ``min_age`` (the next whole age's), or None where unknown."""
+    entry = (calibration or {}).get("challenge", {}).get("by_min_age", {}).get(str(int(np.ceil(min_age))))
+    return entry["estimate"] if entry else None
+
+
+def verdicts(
+    low: np.ndarray, high: np.ndarray, min_age: float, ages: np.ndarray | None = None, challenge: float | None = None
+) -> np.ndarray:
+    """'yes' where the whole likely range is at or over ``min_age`` (and the estimate over ``challenge``,
+    where given), 'no' where all of the range is under, 'uncertain' otherwise.
 
     >>> verdicts(np.array([18.0, 10.0, 15.0]), np.array([25.0, 17.9, 20.0]), 18).tolist()
     ['yes', 'no', 'uncertain']
+    >>> verdicts(np.array([18.0, 19.0]), np.array([25.0, 30.0]), 18, np.array([21.0, 24.0]), challenge=22.0).tolist()
+    ['uncertain', 'yes']
     """
     low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
-    return np.where(low >= min_age, "yes", np.where(high < min_age, "no", "uncertain"))
+    accept = low >= min_age
+    if challenge is not None:
+        accept &= np.asarray(ages, dtype=float) > challenge
+    return np.where(accept, "yes", np.where(high < min_age, "no", "uncertain"))
 
 
 def verify_answer(age: float, min_age: float, calibration: dict[str, Any] | None, margin: float) -> dict[str, Any]:
@@ -139,16 +183,20 @@ def verify_answer(age: float, min_age: float, calibration: dict[str, Any] | None
     'uncertain'
     """
     low, high = likely_range(np.array([age]), calibration, margin)
-    verdict = str(verdicts(low, high, min_age)[0])
+    challenge = challenge_age(calibration, min_age)
+    verdict = str(verdicts(low, high, min_age, np.array([age]), challenge)[0])
     band = int(estimate_band(np.array([age]))[0])
     q = _band_quantiles(calibration, band)
     if q:
         source = f"validation errors of estimates in band {AGE_BAND_LABELS[band]} (n={q['count']})"
     else:
         source = "no calibration stored with the checkpoint: +/- twice the validation MAE"
+    if challenge is not None:
+        source += (f"; accepted only above {challenge:g}, which {CHALLENGE_SHARE:.0%} of validation faces aged "
+                   f"{int(np.ceil(min_age)) - NEAR_THRESHOLD_YEARS}-{int(np.ceil(min_age)) - 1} exceeded")
     return {"verdict": verdict, "is_at_least_min_age": {"yes": True, "no": False}.get(verdict),
             "min_age": min_age, "age": round(age, 2), "likely_range": [round(float(low[0]), 1), round(float(high[0]), 1)],
-            "margin_source": source}
+            "challenge_age": challenge, "margin_source": source}
 
 
 def _share(mask: np.ndarray, among: np.ndarray) -> float | None:
@@ -180,7 +228,7 @@ def verification_rates(
     low, high = likely_range(pred, calibration, margin)
     rows = []
     for t in thresholds:
-        verdict = verdicts(low, high, t)
+        verdict = verdicts(low, high, t, pred, challenge_age(calibration, t))
         under, over = true < t, true >= t
         near = under & (true >= t - NEAR_THRESHOLD_YEARS)
         yes, no, unsure = verdict == "yes", verdict == "no", verdict == "uncertain"

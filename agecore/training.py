@@ -216,7 +216,7 @@ class EpochResult:
     mae: float
     abs_err_sum: float
     count: int
-    within5: int
+    cs5_count: int  # predictions within 5 years of the true age
     seconds: float
     predictions: np.ndarray | None = None
 
@@ -256,8 +256,8 @@ def train_epoch(
         count += len(y)
         if on_progress is not None and step % progress_every == 0:
             on_progress(step, sums[0].item() / count)
-    abs_sum, within5 = sums.tolist()
-    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(within5), time.perf_counter() - start)
+    abs_sum, cs5_count = sums.tolist()
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(cs5_count), time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -275,5 +275,5 @@ def evaluate_epoch(
         err = (pred - y).abs()
         sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
         count += len(y)
-    abs_sum, within5 = sums.tolist()
-    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(within5), time.perf_counter() - start)
+    abs_sum, cs5_count = sums.tolist()
+    return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(cs5_count), time.perf_counter() - start)

@@ -117,7 +117,7 @@ def main() -> None:
         pred = (predict(val_x[:, 0]) + predict(val_x[:, 1])) / 2
         m = metrics.summary(pred, val_y)
         rows.append({"step": f"ridge (alpha {alpha:g}) on frozen embeddings", "val_mae": m["mae"],
-                     "val_cs5": m["cs@5"], "seconds": embed_seconds + time.perf_counter() - start,
+                     "val_cs5": m["cs5"], "seconds": embed_seconds + time.perf_counter() - start,
                      "val_faces": len(val_y)})
         ridge_file.write_text(json.dumps(rows[-1], indent=2))
 
@@ -132,7 +132,7 @@ def main() -> None:
     rows.append(partial)
     report = json.loads((out / "partial" / "val-eval" / "report.json").read_text())
     rows.append({"step": "partial checkpoint re-scored from images (Predictor, flip TTA; time included above)",
-                 "val_mae": report["metrics"]["mae"], "val_cs5": report["metrics"]["cs@5"], "seconds": 0.0})
+                 "val_mae": report["metrics"]["mae"], "val_cs5": report["metrics"]["cs5"], "seconds": 0.0})
 
     print(f"\nValidation split of {args.prepared} ({report['metrics']['count']} faces), backbone {args.backbone}\n")
     print("| step | val MAE | val CS@5 | wall time |")

@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from agecore.augment import augment
 from agecore.checkpoint import save_checkpoint
 from agecore.config import ModelConfig, TrainConfig
 from agecore.images import load_image
 from agecore.model import create_model, default_preprocessing, trainable_module
 from agecore.predictor import Predictor
-from agecore.training import Schedule, augment, batch_inputs, loss_fn, make_optimizer, train_epoch
+from agecore.training import Schedule, batch_inputs, loss_fn, make_optimizer, train_epoch
 
 
 def host_batches(n: int, batch: int, size: int, seed: int = 0):

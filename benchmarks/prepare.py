@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from agecore.config import PrepareConfig
 from agecore.datasets import read_records, validate_labels
-from agecore.images import ImageError, decode, read_bytes, resize_square
+from agecore.images import ImageError, load_image
 from ray_jobs.common import setup_logging
 from ray_jobs.prepare import prepare
 
@@ -42,7 +42,7 @@ def plain_loop(data: str, out: Path, size: int, chunk: int = 1000) -> tuple[int,
 
     for path, age in zip(records["path"], records["age"], strict=True):
         try:
-            images.append(resize_square(decode(read_bytes(path)), size))
+            images.append(load_image(path, size))
         except ImageError:
             continue
         ages.append(float(age))

@@ -129,7 +129,7 @@ def quickstart(data: str, out: str, *, backbone: str | None = None, pretrained_f
     scored = score(f"{run}/best", str(_split_paths(prepared, split, root)), scores)
 
     result = {"weights": weights.note, "backbone": weights.backbone, "pretrained": weights.pretrained,
-              "pretrained_file": weights.file, "splits": counts, "best_epoch_val_mae": best.get("val_mae"),
+              "pretrained_file": weights.file, "splits": counts, "best_val_mae": best.get("val_mae"),
               "evaluated_split": split, "metrics": report["metrics"], "scored": scored["scored_now"],
               "wall_seconds": round(time.perf_counter() - start, 1)}
     (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -141,7 +141,7 @@ def where_everything_is(root: Path, result: dict[str, Any]) -> str:
     m, split = result["metrics"], result["evaluated_split"]
     minutes, seconds = divmod(int(result["wall_seconds"]), 60)
     return "\n".join([
-        f"done in {minutes} min {seconds} s: {split} MAE {m['mae']:.2f} years, CS@5 {100 * m['cs@5']:.1f}% "
+        f"done in {minutes} min {seconds} s: {split} MAE {m['mae']:.2f} years, CS@5 {100 * m['cs5']:.1f}% "
         f"({result['backbone']}, ImageNet weights from {'a file' if result['pretrained'] == 'file' else 'the hub'})",
         f"  model     {root}/train/best/",
         f"  report    {root}/eval/report.md  (plots: {root}/eval/*.png)",

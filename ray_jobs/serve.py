@@ -206,6 +206,8 @@ class VerifyAnswer(BaseModel):
     min_age: float
     age: float
     likely_range: tuple[float, float]
+    challenge_age: float | None = Field(
+        description="'yes' needs an estimate above this: 5% of validation faces up to 5 years under min_age exceeded it")
     margin_source: str
     seconds: float
     model: ModelIdentity
@@ -218,6 +220,8 @@ class FaceVerdict(BaseModel):
     is_at_least_min_age: bool | None
     age: float
     likely_range: tuple[float, float]
+    challenge_age: float | None = Field(
+        description="'yes' needs an estimate above this: 5% of validation faces up to 5 years under min_age exceeded it")
     margin_source: str
 
 

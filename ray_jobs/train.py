@@ -209,7 +209,7 @@ def _reduce_metrics(
     w: Worker, epoch: int, lr: float, nodes: int, tr: EpochResult, va: EpochResult | None
 ) -> dict[str, Any]:
     """The epoch's metrics row, its sums added up across the ranks (validation: rank 0's alone)."""
-    va_sum, va_n, va_w5, va_sec = (va.abs_err_sum, va.count, va.within5, va.seconds) if va else (0.0, 0.0, 0.0, 0.0)
+    va_sum, va_n, va_w5, va_sec = (va.abs_err_sum, va.count, va.cs5_count, va.seconds) if va else (0.0, 0.0, 0.0, 0.0)
     tr_sum, tr_n, tr_sec, va_sum, va_n, va_w5 = _all_reduce(
         [tr.abs_err_sum, tr.count, tr.seconds, va_sum, va_n, va_w5], w.device
     )
@@ -219,7 +219,7 @@ def _reduce_metrics(
         "val_mae": va_sum / max(va_n, 1),
         "val_cs5": va_w5 / max(va_n, 1),
         "lr": lr,
-        "images_per_s": tr_n / max(tr_sec / w.world_size, 1e-9),
+        "images_per_second": tr_n / max(tr_sec / w.world_size, 1e-9),
         "epoch_seconds": tr.seconds + va_sec,
         "workers": w.world_size,
         "nodes": nodes,

@@ -195,7 +195,7 @@ def summary(work: Path, log_file: Path, device: str) -> str:
         "",
         "| figure | value |",
         "|---|---:|",
-        f"| training images/s through Ray Data (median epoch) | {sorted(float(r['images_per_s']) for r in epochs)[len(epochs) // 2]:,.1f} |",
+        f"| training images/s through Ray Data (median epoch) | {sorted(float(r['images_per_second']) for r in epochs)[len(epochs) // 2]:,.1f} |",
         f"| training seconds to the best checkpoint (epoch {best['epoch']}) | {to_best:,.1f} |",
         f"| validation MAE of the best checkpoint | {float(best['val_mae']):.3f} |",
         f"| test MAE (`age evaluate`, {report['scored']} images) | {report['metrics']['mae']:.3f} |",

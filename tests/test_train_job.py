@@ -35,7 +35,7 @@ def check_run(out, mode, epochs):
         assert (out / name).is_file(), name
     history = pd.read_csv(out / "metrics.csv")
     assert history["epoch"].tolist() == list(range(epochs))
-    assert {"train_mae", "val_mae", "val_cs5", "lr", "images_per_s"} <= set(history.columns)
+    assert {"train_mae", "val_mae", "val_cs5", "lr", "images_per_second"} <= set(history.columns)
     assert (history["workers"] == 2).all() and (history["nodes"] == 1).all()
     meta = json.loads((out / "best" / "checkpoint.json").read_text())
     assert meta["train"]["mode"] == mode and meta["preprocessing"]["input_size"] == 64
