@@ -132,7 +132,7 @@ class Predictor:
     @property
     def identity(self) -> dict[str, Any]:
         """What a client needs to know about the model that answered."""
-        metrics = {k: v for k, v in self.meta.get("metrics", {}).items() if k != "history"}
+        metrics = self.meta.get("metrics", {})
         return {
             "checkpoint": self.checkpoint,
             "backbone": self.meta["model"]["backbone"],

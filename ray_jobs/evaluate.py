@@ -101,19 +101,19 @@ def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="age evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (a training run's best/)")
     p.add_argument("--data", required=True, help="prepared folder, labels.csv folder, UTKFace folder or manifest")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--out", required=True, help="report folder: report.md, report.json, predictions and plots")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="layout of --data where it is not prepared")
     p.add_argument("--split", default=None,
                    help="split of a prepared folder (default: test where one is held out, else val)")
     p.add_argument("--attach", action="store_true", help="store error quantiles beside the checkpoint")
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
     add_precision_argument(p)
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: score each by its most confident face (MTCNN, aligned like the "
                         "training crops); photos without a face are counted and listed (no_face.csv)")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p
 
 

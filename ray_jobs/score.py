@@ -218,17 +218,17 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="age score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (a training run's best/)")
     p.add_argument("--input", required=True, help="folder, manifest .csv/.parquet with path, or URI")
     p.add_argument("--out", required=True, help="output Parquet folder (local or URI)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per predictor call; fewer on small inputs, so that every actor gets 8 calls or more")
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
     add_precision_argument(p)
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: find the faces (MTCNN) and write one row per face")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p
 
 

@@ -603,7 +603,7 @@ class AgeService:
     async def model(self) -> ModelAnswer:
         meta = self.predictor.meta
         return ModelAnswer(**self.identity.model_dump(), preprocessing=meta["preprocessing"],
-                           metrics={k: v for k, v in meta.get("metrics", {}).items() if k != "history"},
+                           metrics=meta.get("metrics", {}),
                            versions=meta.get("versions"), calibrated=self.calibration is not None,
                            limits=Limits(max_body_bytes=self.max_body, max_files=MAX_FILES, batch_size=BATCH_SIZE))
 
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ServeArgs.add_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--metrics-port", type=int, default=8080,
                    help="Prometheus metrics of a local Ray (with RAY_ADDRESS: the cluster's own)")
     ns = vars(p.parse_args(argv))
