@@ -187,15 +187,19 @@ def build_report(
         report["checkpoint"] = {"backbone": meta["model"]["backbone"], "epoch": meta.get("epoch"),
                                 "val_mae": meta.get("metrics", {}).get("val_mae")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plots(scored, true, pred, out, worst)
+    (out / "report.md").write_text(_markdown(report))
+    return report
+
+
+def _plots(scored: pd.DataFrame, true: np.ndarray, pred: np.ndarray, out: Path, worst: int) -> None:
+    """scatter.png, error_by_age.png, and worst.png: the ``worst`` largest errors with their faces."""
     plots.predicted_vs_true(true, pred, out / "scatter.png")
     plots.error_by_age(true, pred, out / "error_by_age.png")
-    order = np.argsort(-np.abs(pred - true))[:worst]
-    rows = scored.iloc[order]
+    rows = scored.iloc[np.argsort(-np.abs(pred - true))[:worst]]
     plots.image_grid([_thumbnail(p) for p in rows["path"]],
                      [f"true {t:g} / pred {p:.1f}" for t, p in zip(rows["age"], rows["predicted_age"], strict=True)],
                      out / "worst.png", "Largest errors")
-    (out / "report.md").write_text(_markdown(report))
-    return report
 
 
 NO_FACE_CSV = "no_face.csv"
