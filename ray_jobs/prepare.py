@@ -66,7 +66,7 @@ def _all_rejects(cfg: PrepareConfig, label_rejects: pd.DataFrame, plan: SplitPla
 
 
 def _write_shards(decoded: ray.data.Dataset, split_of_path: dict[str, str], out: str) -> None:
-    """The accepted images as Parquet shards under ``out/data/split=...``, replacing any earlier run's."""
+    """The accepted images as Parquet shards under ``out/data/split=...``, replacing whatever the folder held."""
     data_dir = storage.join(out, "data")
     storage.delete_dir(data_dir)  # a rerun replaces the shards rather than mixing two runs
     # the shards go straight to OUT (a folder or a URI), written by Ray Data's tasks wherever they run
