@@ -4,6 +4,7 @@
     python scripts/bundle.py info --python 3.12            # bundle.json: its Python, the host packages it needs
     python scripts/bundle.py faces DATA DEST --count 2000  # labels.csv + final_files/, re-encoded
     python scripts/bundle.py check-host BUNDLE             # on the target: Python version, host packages
+    python scripts/bundle.py jobs LOG prepare ARGS ::: train ARGS ...   # the jobs, in one process and one Ray
     python scripts/bundle.py summary WORK LOG --device GPU # the run's figures as a markdown section
 
 ``requirements`` and ``info`` read the installed metadata of the interpreter that runs them (the
@@ -17,8 +18,11 @@ import csv
 import importlib.metadata as md
 import io
 import json
+import os
 import re
 import sys
+import time
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -172,6 +176,70 @@ def check_host(bundle: Path) -> None:
                          f"timm, numpy, pandas and pyarrow; install them or rebuild the bundle with them inside")
 
 
+JOB_SEPARATOR = ":::"
+
+
+def split_jobs(words: list[str]) -> list[list[str]]:
+    """``prepare ARGS ::: train ARGS ...`` -> one list per job, its stage first.
+
+    >>> split_jobs(["prepare", "--data", "d", ":::", "train", "--epochs", "2"])
+    [['prepare', '--data', 'd'], ['train', '--epochs', '2']]
+    """
+    jobs: list[list[str]] = [[]]
+    for word in words:
+        if word == JOB_SEPARATOR:
+            jobs.append([])
+        else:
+            jobs[-1].append(word)
+    if not all(jobs):
+        raise SystemExit(f"bundle: jobs {' '.join(words)!r}: a job without a stage (two {JOB_SEPARATOR} in a row, "
+                         "or one at either end)")
+    return jobs
+
+
+def _run_job(stage: str, args: list[str]) -> bool:
+    """One job through the ``age`` command's own entry point; False (its traceback logged) when it fails."""
+    from ray_jobs.cli import run_stage
+
+    try:
+        run_stage(stage, args)
+    except SystemExit as e:
+        return e.code in (0, None)
+    except Exception:
+        traceback.print_exc()
+        return False
+    return True
+
+
+def run_jobs(jobs: list[list[str]], log_file: Path) -> None:
+    """Run the product's jobs one after another in this interpreter, all on the local Ray the first one starts.
+
+    Starting Python, torch and a local Ray once rather than per job is most of a small run's time.
+    Everything the jobs and their Ray processes print goes to ``log_file``; a line per job and its
+    wall time go to the terminal too. A failed job ends the run with the end of the log, exit 1.
+    """
+    terminal, errors = os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log_file, "a") as log:  # fds 1 and 2 into the log: Ray's processes inherit them
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+
+    def say(line: str) -> None:
+        print("\n" + line, flush=True)  # on a line of its own, after whatever progress bar was drawn last
+        terminal.write(line + "\n")
+
+    for stage, *args in jobs:
+        say(f"== age {stage} {' '.join(args)}")
+        start = time.monotonic()
+        if not _run_job(stage, args):
+            sys.stderr.flush()
+            tail = log_file.read_text(errors="replace").splitlines()[-30:]
+            errors.write(f"bundle: age {stage} failed; the end of {log_file}:\n" + "\n".join(tail) + "\n")
+            raise SystemExit(1)
+        say(f"   {stage}: {time.monotonic() - start:.0f} s")
+
+
 # ---- the run's figures ---------------------------------------------------------------------------------
 
 
@@ -191,7 +259,7 @@ def summary(work: Path, log_file: Path, device: str) -> str:
     log = log_file.read_text(errors="replace")
     score_rate = _logged_number(log, "images_per_second")
     lines = [
-        f"## Bundle run on {device}: {meta['model']['backbone']}, {len(epochs)} epochs",
+        f"## Bundle run on {device}: {meta['model']['backbone']}, {len(epochs)} epoch{'s' * (len(epochs) != 1)}",
         "",
         "| figure | value |",
         "|---|---:|",
@@ -217,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     faces.add_argument("--budget-bytes", type=int, default=None)
     faces.add_argument("--quality", type=int, default=75)
     sub.add_parser("check-host").add_argument("bundle", type=Path)
+    jobs = sub.add_parser("jobs")
+    jobs.add_argument("log", type=Path, help="the run log the jobs' output is appended to")
+    jobs.add_argument("jobs", nargs=argparse.REMAINDER, help=f"STAGE ARGS, separated by {JOB_SEPARATOR}")
     summ = sub.add_parser("summary")
     summ.add_argument("work", type=Path)
     summ.add_argument("log", type=Path)
@@ -230,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         print(write_faces(args.data, args.dest, args.count or 10**9, args.quality, args.budget_bytes))
     elif args.command == "check-host":
         check_host(args.bundle)
+    elif args.command == "jobs":
+        run_jobs(split_jobs(args.jobs), args.log)
     else:
         print(summary(args.work, args.log, args.device), end="")
 

@@ -15,13 +15,13 @@
 # --detect-faces adds MTCNN (facenet-pytorch, 1.9 MB) for `age score --detect-faces`.
 #
 # run unpacks ARCHIVE into a temporary folder and runs prepare -> train --mode finetune ->
-# evaluate -> score on DATA (labels.csv + final_files/; default: the bundled faces), with --gpu
-# where CUDA is present, then on a GPU the library-path benchmark and the Serve load benchmark
-# against one GPU replica. OUT gets at most 8 flat files (docs/gpu.md lists them). Knobs
-# (environment): PYTHON (default python3), BACKBONE (default tf_efficientnet_lite0, with the bundled
-# weights), PRETRAINED_FILE (weights for another BACKBONE), PRETRAINED=none (random weights),
-# IMAGE_SIZE, EPOCHS (default 10), GPU=0 (CPU even where CUDA is present), KEEP_WORK=DIR (keep the
-# prepared data, checkpoint and scores there).
+# evaluate -> score on DATA (labels.csv + final_files/; default: the bundled faces) in one Python
+# process on one local Ray, with --gpu where CUDA is present, then on a GPU the library-path
+# benchmark and the Serve load benchmark against one GPU replica. OUT gets at most 8 flat files
+# (docs/gpu.md lists them). Knobs (environment): PYTHON (default python3), BACKBONE (default
+# tf_efficientnet_lite0, with the bundled weights), PRETRAINED_FILE (weights for another BACKBONE),
+# PRETRAINED=none (random weights), IMAGE_SIZE, EPOCHS (default 10), GPU=0 (CPU even where CUDA is
+# present), KEEP_WORK=DIR (keep the prepared data, checkpoint and scores there).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LIMIT_MIB=60
@@ -71,7 +71,9 @@ copy_project() {
 }
 
 pack() {  # OUTFILE: xz the stage; fail when over the limit
-    (cd "$STAGE" && tar -cf - --owner=0 --group=0 --sort=name .) | xz -T0 -9 --block-size=32MiB > "$1"
+    # the x86 branch filter makes the machine code of the native libraries (over half the bytes)
+    # repeat more: a smaller archive, sooner, than xz -9 alone
+    (cd "$STAGE" && tar -cf - --owner=0 --group=0 --sort=name .) | xz -T0 --x86 --lzma2=preset=9 --block-size=32MiB > "$1"
     local size; size=$(stat -c %s "$1")
     if (( size > LIMIT_MIB * 1024 * 1024 )); then
         echo "bundle: $1 is $((size / 1048576)) MiB, over the $LIMIT_MIB MiB limit" >&2; exit 1
@@ -114,13 +116,6 @@ build() {
 
 # ---- run ---------------------------------------------------------------------------------------
 
-job() {  # NAME ARGS...: one of the product's jobs, its output in the run log
-    echo "== age $1 ${*:2}" | tee -a "$LOG"
-    local start=$SECONDS
-    "$PY" -m "ray_jobs.$1" "${@:2}" >> "$LOG" 2>&1 || { echo "bundle: age $1 failed; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
-    echo "   $1: $((SECONDS - start)) s" | tee -a "$LOG"
-}
-
 serve_config() {  # CHECKPOINT FILE: the app of serve_config.yaml on one GPU replica
     cat > "$2" <<EOF
 http_options: {host: 127.0.0.1, port: 8000}
@@ -160,11 +155,14 @@ run() {
     fi
     local size=(); [ -n "${IMAGE_SIZE:-}" ] && size=(--image-size "$IMAGE_SIZE")
 
-    job prepare --data "$data" --out "$work/prepared" --backbone "$backbone" "${size[@]}"
-    job train --prepared "$work/prepared" --out "$work/train" --mode finetune --backbone "$backbone" \
-        "${weights[@]}" --epochs "${EPOCHS:-10}" "${gpu[@]}"
-    job evaluate --checkpoint "$work/train/best" --data "$work/prepared" --out "$work/eval" "${gpu[@]}"
-    job score --checkpoint "$work/train/best" --input "$data" --out "$work/scores" "${gpu[@]}"
+    # the product's jobs with their own options, one after another in one Python on one local Ray
+    # (bundle.py jobs): Python, torch and Ray start once, not once a job
+    local jobs=(prepare --data "$data" --out "$work/prepared" --backbone "$backbone" "${size[@]}"
+        ::: train --prepared "$work/prepared" --out "$work/train" --mode finetune --backbone "$backbone"
+            "${weights[@]}" --epochs "${EPOCHS:-10}" "${gpu[@]}"
+        ::: evaluate --checkpoint "$work/train/best" --data "$work/prepared" --out "$work/eval" "${gpu[@]}"
+        ::: score --checkpoint "$work/train/best" --input "$data" --out "$work/scores" "${gpu[@]}")
+    "$PY" scripts/bundle.py jobs "$LOG" "${jobs[@]}"
     cp "$work/train/metrics.csv" "$work/train/curves.png" "$out/"
     cp "$work/eval/report.md" "$out/evaluation.md"; cp "$work/eval/error_by_age.png" "$out/"
     if ((${#gpu[@]})); then  # the benchmarks' failures are reported, and the jobs' figures still summed up

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from bundle import HOST_ROOTS, closure  # noqa: E402  (scripts/bundle.py: the ho
 
 LIMIT_BYTES = 60 * 2**20
 FACES = 200
+EPOCHS = 1  # what is proven is that every package loads: a second epoch loads nothing new
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 pytestmark = pytest.mark.slow
@@ -72,13 +74,16 @@ def test_bundle_builds_under_the_limit_and_runs_alone(archive: Path, tmp_path: P
     assert archive.stat().st_size <= LIMIT_BYTES, f"{archive.stat().st_size / 2**20:.1f} MiB"
     python = bare_host(tmp_path / "host")
     # the proof is only as good as the isolation: the bare host has torch but no Ray and no project
-    probe = subprocess.run([str(python), "-c", "import torch, timm, pyarrow; import ray"], capture_output=True, text=True)
+    # (found, not imported: the run imports them, and importing torch costs seconds)
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u; "
+                            "assert all(u.find_spec(m) for m in ('torch', 'timm', 'pyarrow')), 'a host root is missing'; "
+                            "import ray"], capture_output=True, text=True)
     assert "No module named 'ray'" in probe.stderr, probe.stderr
 
     out, work = tmp_path / "out", tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RAY_ADDRESS")}
     env.update(PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p),
-               PYTHON=str(python), BACKBONE="test_resnet", PRETRAINED="none", IMAGE_SIZE="64", EPOCHS="2",
+               PYTHON=str(python), BACKBONE="test_resnet", PRETRAINED="none", IMAGE_SIZE="64", EPOCHS=str(EPOCHS),
                GPU="0", KEEP_WORK=str(work))
     run = subprocess.run(["bash", str(ROOT / "scripts" / "bundle.sh"), "run", str(archive), str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -87,9 +92,14 @@ def test_bundle_builds_under_the_limit_and_runs_alone(archive: Path, tmp_path: P
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).is_file() for f in files), files
     assert {"summary.md", "run.log", "metrics.csv", "curves.png", "evaluation.md"} <= set(files)
-    assert len(pd.read_csv(out / "metrics.csv")) == 2
+    assert len(pd.read_csv(out / "metrics.csv")) == EPOCHS
     summary = (out / "summary.md").read_text()
-    assert "## Bundle run on CPU: test_resnet, 2 epochs" in summary and "test MAE" in summary
+    assert f"## Bundle run on CPU: test_resnet, {EPOCHS} epoch" in summary and "test MAE" in summary
+    # the four jobs, each reported on the terminal with its time, on the one local Ray the first one started
+    said = run.stdout.splitlines()
+    assert all(any(re.fullmatch(rf"   {job}: \d+ s", line) for line in said)
+               for job in ("prepare", "train", "evaluate", "score")), run.stdout
+    assert (out / "run.log").read_text().count("Ray resources:") == 1, "a job started a Ray of its own"
     scores = pd.read_parquet(work / "scores")
     assert len(scores) == FACES and scores["predicted_age"].notna().all()
     assert (work / "train" / "best" / "checkpoint.json").is_file()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,12 +114,21 @@ class Cluster:
         r.raise_for_status()
         return r.json()
 
-    def actors(self) -> list[dict]:
-        """Every actor of the cluster, dead ones included (the State API's REST route)."""
-        r = requests.get(f"{self.dashboard}/api/v0/actors", params={"limit": 10000, "detail": "true"}, timeout=30,
+    def _state(self, resource: str) -> list[dict]:
+        """Every actor or node of the cluster, dead ones included (the State API's REST route)."""
+        r = requests.get(f"{self.dashboard}/api/v0/{resource}", params={"limit": 10000, "detail": "true"}, timeout=30,
                          headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
         r.raise_for_status()
         return r.json()["data"]["result"]["result"]
+
+    def actors(self) -> list[dict]:
+        return self._state("actors")
+
+    def nodes(self) -> list[dict]:
+        return self._state("nodes")
+
+    def alive_nodes(self) -> int:
+        return sum(n["state"] == "ALIVE" for n in self.nodes())
 
     def status(self, job_id: str) -> str:
         return self._get(job_id)["status"]
@@ -154,20 +164,21 @@ def cluster():
     finally:
         stop_node(worker_dir)
         stop_node(head_dir)
+        for folder in (worker_dir, head_dir):  # the nodes' session logs
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive_nodes(cluster: Cluster) -> int:
-    code = "import ray; ray.init(log_to_driver=False); print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", code], env={**cluster.env, "RAY_ADDRESS": cluster.address},
-                         capture_output=True, text=True, timeout=120)
-    # ray.init may print warnings of its own (seen: a dying node's "lagging heartbeats") on stdout too
-    return int(next(line for line in out.stdout.splitlines() if line.startswith("alive nodes:")).split(":")[1])
+def _predictors_alive_on(cluster: Cluster, job_id: str) -> set[str]:
+    """The nodes on which a model actor (Ray Data's ``MapWorker(MapBatches(...))``) of a job has loaded."""
+    ray_job = cluster._get(job_id)["job_id"]  # the Ray job of the submission: None until its driver runs
+    return {a["node_id"] for a in cluster.actors()
+            if a["job_id"] == ray_job and a["class_name"].startswith("MapWorker(") and a["state"] == "ALIVE"}
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root, tmp_path):
-    assert _alive_nodes(cluster) == 2
+    assert cluster.alive_nodes() == 2
     data = make_labels_dir(faces_root, tmp_path / "data", 160)
     prepared, run = tmp_path / "prepared", tmp_path / "train"
     # outputs and inputs as URIs, through pyarrow as s3:// ones would be (file:// here: no object store)
@@ -207,11 +218,11 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     scores = tmp_path / "scores"
     job = cluster.submit("-m", "ray_jobs.score", "--checkpoint", f"file://{run}/best", "--input", f"file://{photos}",
                          "--out", f"file://{scores}", "--batch-size", "16", "--concurrency", "3", wait=False)
-    deadline = time.monotonic() + 120
-    while "to score" not in cluster.logs(job):
-        assert time.monotonic() < deadline, cluster.logs(job)[-3000:]
-        time.sleep(1)
-    time.sleep(8)  # Ray connected, predictor actors loaded on both nodes, batches flowing
+    # the node is lost once the job's predictor actors have loaded on both nodes: batches are in flight on it
+    deadline = time.monotonic() + 180
+    while len(_predictors_alive_on(cluster, job)) < 2:
+        assert cluster.status(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline, cluster.logs(job)[-3000:]
+        time.sleep(0.5)
     stop_node(cluster.worker_dir)
     assert cluster.status(job) == "RUNNING", "the job ended before the node was lost: nothing was tested"
     cluster.wait(job, timeout=400)
@@ -221,6 +232,6 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     # the node was lost for good: the GCS marks it dead once its health checks fail, which may take
     # longer than the rest of a fast job
     deadline = time.monotonic() + 120
-    while _alive_nodes(cluster) != 1:
+    while cluster.alive_nodes() != 1:
         assert time.monotonic() < deadline, "the stopped node is still alive"
-        time.sleep(2)
+        time.sleep(1)
