@@ -175,6 +175,21 @@ def weights_digest(path: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str, *, data: str | None = None,
+                       split: str | None = None) -> str:
+    """Store ``cal`` as the checkpoint's calibration.json; ``data``/``split`` record what it was measured on."""
+    path = storage.join(checkpoint, CALIBRATION)
+    provenance = {"source": source, **({"data": storage.absolute(data), "split": split} if data else {})}
+    storage.write_text(path, json.dumps({**provenance, **cal}, indent=2) + "\n")
+    return path
+
+
+def read_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's calibration.json (what ``/v1/verify`` answers with), or None."""
+    path = storage.join(checkpoint, CALIBRATION)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
 def preprocessing(meta: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(meta["preprocessing"])
 

@@ -22,26 +22,16 @@ from agecore import storage
 from agecore.config import MAX_AGE
 from agecore.errors import InvalidInput, MissingInput
 from agecore.images import IMAGE_EXTENSIONS
+from agecore.metrics import age_band
 
 log = logging.getLogger(__name__)
 
-AGE_BANDS = (0, 3, 10, 18, 25, 35, 45, 55, 65)
-AGE_BAND_LABELS = ("0-2", "3-9", "10-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 REJECT_COLUMNS = ["path", "reason", "detail"]
 
 # UTKFace: [age]_[gender]_[race]_[date&time].jpg.chip.jpg. Some names lose a field or a dot;
 # the age is always the first field, gender and race are kept only when both are present.
 _UTK = re.compile(r"^(?P<age>\d+)_(?P<gender>[01])_(?P<race>[0-4])_\d+")
 _UTK_AGE = re.compile(r"^(?P<age>\d+)_")
-
-
-def age_band(age: np.ndarray | pd.Series) -> np.ndarray:
-    """Index into ``AGE_BAND_LABELS`` for each age.
-
-    >>> age_band(np.array([0, 2.9, 3, 17, 18, 64, 65, 110])).tolist()
-    [0, 0, 1, 2, 3, 7, 8, 8]
-    """
-    return np.searchsorted(np.asarray(AGE_BANDS), np.asarray(age, dtype=float), side="right") - 1
 
 
 def parse_utkface_name(name: str) -> dict[str, object] | None:

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from agecore import metrics, plots, storage
-from agecore.checkpoint import CALIBRATION
-from agecore.datasets import AGE_BAND_LABELS
+from agecore.checkpoint import CALIBRATION, attach_calibration, read_calibration
 from agecore.images import load_image
+from agecore.metrics import AGE_BAND_LABELS
 
 GENDERS = {0: "male", 1: "female"}
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
@@ -55,21 +55,6 @@ def calibration(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
             out["bands"][label] = {"count": int(e.size), **{f"q{q}": round(float(np.quantile(e, q)), 3) for q in QUANTILES}}
     out["challenge"] = metrics.challenge_ages(true, pred)
     return out
-
-
-def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str, *, data: str | None = None,
-                       split: str | None = None) -> str:
-    """Store ``cal`` as the checkpoint's calibration.json; ``data``/``split`` record what it was measured on."""
-    path = storage.join(checkpoint, CALIBRATION)
-    provenance = {"source": source, **({"data": storage.absolute(data), "split": split} if data else {})}
-    storage.write_text(path, json.dumps({**provenance, **cal}, indent=2) + "\n")
-    return path
-
-
-def read_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
-    """The checkpoint's calibration.json (what ``/v1/verify`` answers with), or None."""
-    path = storage.join(checkpoint, CALIBRATION)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 def _scored(table: pd.DataFrame) -> pd.DataFrame:

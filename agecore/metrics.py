@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agecore.datasets import AGE_BAND_LABELS, age_band
-
+# bands of age that every per-band table and the calibration use
+AGE_BANDS = (0, 3, 10, 18, 25, 35, 45, 55, 65)
+AGE_BAND_LABELS = ("0-2", "3-9", "10-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 CS_THRESHOLDS = (1, 3, 5, 10)
 # the age thresholds that age-assurance evaluations report (NIST FATE AEV; COPPA 13, 16, 18, 21, Challenge 25)
 VERIFY_THRESHOLDS = (13, 16, 18, 21, 25)
@@ -30,6 +31,15 @@ NOMINAL_COVERAGE = 0.9
 # at most this share of the people NEAR_THRESHOLD_YEARS under a minimum age is to be accepted
 CHALLENGE_SHARE = 0.05
 CHALLENGE_MIN_AGES = range(8, 41)
+
+
+def age_band(age: np.ndarray | pd.Series) -> np.ndarray:
+    """Index into ``AGE_BAND_LABELS`` for each age.
+
+    >>> age_band(np.array([0, 2.9, 3, 17, 18, 64, 65, 110])).tolist()
+    [0, 0, 1, 2, 3, 7, 8, 8]
+    """
+    return np.searchsorted(np.asarray(AGE_BANDS), np.asarray(age, dtype=float), side="right") - 1
 
 
 def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from agecore.datasets import AGE_BAND_LABELS, age_band
+from agecore.metrics import AGE_BAND_LABELS, age_band
 
 SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 

@@ -23,15 +23,10 @@ import pandas as pd
 
 from agecore import plots, storage
 from agecore.config import PrepareConfig
-from agecore.datasets import (
-    AGE_BAND_LABELS,
-    REJECT_COLUMNS,
-    age_band,
-    assign_splits,
-    resolve_duplicates,
-)
+from agecore.datasets import REJECT_COLUMNS, assign_splits, resolve_duplicates
 from agecore.errors import InvalidInput, MissingInput
 from agecore.images import ImageError, content_digest, load_image, open_image
+from agecore.metrics import AGE_BAND_LABELS, age_band
 
 log = logging.getLogger(__name__)
 

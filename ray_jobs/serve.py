@@ -37,9 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from agecore import __version__, storage
-from agecore.checkpoint import read_meta, weights_digest
+from agecore.checkpoint import read_calibration, read_meta, weights_digest
 from agecore.errors import InvalidInput
-from agecore.evaluate import read_calibration
 from agecore.faces import Face
 from agecore.images import MAX_PIXELS, MIN_SIDE, ImageError
 from agecore.metrics import fallback_margin, likely_range, verify_answer

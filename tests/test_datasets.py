@@ -6,7 +6,6 @@ import pytest
 
 from agecore.config import PrepareConfig
 from agecore.datasets import (
-    age_band,
     assign_splits,
     detect_format,
     read_records,
@@ -14,6 +13,7 @@ from agecore.datasets import (
     validate_labels,
 )
 from agecore.errors import InvalidInput
+from agecore.metrics import age_band
 from agecore.prepare import resolve_split
 from tests.conftest import make_labels_dir
 

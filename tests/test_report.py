@@ -10,13 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agecore.evaluate import (
-    attach_calibration,
-    build_report,
-    calibration,
-    choose_calibration,
-    read_calibration,
-)
+from agecore.checkpoint import attach_calibration, read_calibration
+from agecore.evaluate import build_report, calibration, choose_calibration
 from tests.test_metrics import CAL, V_PRED, V_TRUE
 
 

@@ -11,8 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from agecore.checkpoint import weights_digest
-from agecore.evaluate import attach_calibration, calibration
+from agecore.checkpoint import attach_calibration, weights_digest
+from agecore.evaluate import calibration
 from tests.conftest import free_port, jpeg_bytes, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow

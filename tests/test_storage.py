@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from agecore import storage
-from agecore.checkpoint import load_checkpoint, read_meta
-from agecore.evaluate import attach_calibration
+from agecore.checkpoint import attach_calibration, load_checkpoint, read_meta
 from agecore.predictor import Predictor
 from tests.conftest import tiny_checkpoint
 
