@@ -31,6 +31,7 @@ from agecore.metrics import AGE_BAND_LABELS, age_band
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+INFO = "prepare.json"  # what a prepared set holds and how it was made: its presence marks one
 # a band of the validation split needs this many faces for its 5% and 95% error quantiles (the likely
 # range of /v1/verify) to be more than its most extreme errors
 MIN_CALIBRATION_BAND = 20
@@ -168,7 +169,7 @@ def write_report(
         "images_per_second": round(listed / seconds, 1) if seconds > 0 else None,
     }
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "prepare.json").write_text(
+    (out / INFO).write_text(
         json.dumps({"config": cfg.to_dict(), "format": fmt, "image_size": cfg.image_size,
                     "interpolation": interpolation, "counts": {s: len(a) for s, a in by_split.items()}},
                    indent=2) + "\n"
@@ -182,7 +183,7 @@ def write_report(
 
 def read_prepare_info(prepared: str | Path) -> dict[str, Any]:
     """prepare.json, with the report's per-split age statistics under ``splits`` (a folder or a URI)."""
-    path = storage.join(prepared, "prepare.json")
+    path = storage.join(prepared, INFO)
     if not storage.exists(path):
         raise MissingInput(f"{prepared} is not a prepared data set (no prepare.json): run `age prepare` first")
     info = json.loads(storage.read_text(path))
@@ -196,7 +197,7 @@ def split_dir(prepared: str | Path, split: str) -> str:
 
 def is_prepared(data: str | Path) -> bool:
     """Whether ``data`` (a folder or a URI) is the output of ``age prepare``."""
-    return storage.exists(storage.join(data, "prepare.json"))
+    return storage.exists(storage.join(data, INFO))
 
 
 def resolve_split(data: str | Path, split: str | None) -> str | None:

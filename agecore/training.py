@@ -218,7 +218,6 @@ class EpochResult:
     count: int
     cs5_count: int  # predictions within 5 years of the true age
     seconds: float
-    predictions: np.ndarray | None = None
 
 
 def train_epoch(

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from agecore.predictor import PRECISIONS
+from agecore.config import PRECISION_HELP, PRECISIONS
 
 # Loggers of the libraries under the jobs: their notices and Python's warnings say little to a user,
 # so a quiet job sends them to its log file only.
@@ -46,10 +46,12 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
         library.propagate = False
 
 
+def add_address_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="inference precision (default: bf16 where the device runs it natively: GPUs, CPUs "
-                             "with AVX512-BF16 or AMX; fp32 elsewhere)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
 
 
 def init_ray(address: str | None = None, *, quiet: bool = False, metrics_port: int | None = None) -> None:

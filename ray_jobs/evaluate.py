@@ -20,13 +20,20 @@ import ray
 from agecore import storage
 from agecore.checkpoint import read_meta
 from agecore.config import FORMATS
-from agecore.datasets import read_records, validate_labels
+from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.errors import InvalidInput
 from agecore.evaluate import build_report, choose_calibration
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
-from agecore.prepare import resolve_split, split_dir
-from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, read_parquet, setup_logging
+from agecore.prepare import is_prepared, resolve_split, split_dir
+from ray_jobs.common import (
+    add_address_argument,
+    add_precision_argument,
+    init_ray,
+    model_actor_options,
+    read_parquet,
+    setup_logging,
+)
 
 log = logging.getLogger("ray_jobs.evaluate")
 
@@ -49,13 +56,13 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                       "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces}
-    if storage.exists(storage.join(data, "prepare.json")):
+    if is_prepared(data):
         if detect_faces:
             raise InvalidInput(f"--detect-faces needs uncropped photos; {data} is a prepared set of face crops")
         ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
         ds = ds.select_columns(keep)
-        rejects = pd.DataFrame(columns=["path", "reason", "detail"])
+        rejects = pd.DataFrame(columns=REJECT_COLUMNS)
     else:
         records, _ = read_records(data, fmt)
         records, rejects = validate_labels(records)
@@ -113,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: score each by its most confident face (MTCNN, aligned like the "
                         "training crops); photos without a face are counted and listed (no_face.csv)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_argument(p)
     return p
 
 

@@ -17,7 +17,7 @@ from agecore.config import ModelConfig, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.model import default_preprocessing
 from agecore.prepare import SplitPlan, attach_split, decode_batch, plan_splits, write_report
-from ray_jobs.common import init_ray, setup_logging
+from ray_jobs.common import add_address_argument, init_ray, setup_logging
 from ray_jobs.options import add_config_arguments, config_from_args, override_defaults
 
 log = logging.getLogger("ray_jobs.prepare")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, PrepareConfig)
     p.add_argument("--backbone", default=ModelConfig.backbone,
                    help="timm model whose data config sets the image size and interpolation (default: %(default)s)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_argument(p)
     override_defaults(p, {"image_size": (None, "the backbone's input size")})
     return p
 

@@ -29,7 +29,8 @@ from agecore import storage
 from agecore.config import MODES, ModelConfig, PrepareConfig, TrainConfig
 from agecore.errors import MissingInput, WeightsUnavailable
 from agecore.model import check_hub_weights, default_preprocessing, offline_weights_file
-from ray_jobs.common import init_ray, setup_logging
+from agecore.prepare import split_dir
+from ray_jobs.common import add_address_argument, init_ray, setup_logging
 
 log = logging.getLogger("ray_jobs.quickstart")
 
@@ -86,7 +87,7 @@ def _say(message: str) -> None:
 
 def _split_paths(prepared: str, split: str, out: Path) -> Path:
     """The original image paths of one prepared split, as a manifest that `age score` reads."""
-    paths = pd.read_parquet(storage.join(prepared, "data", f"split={split}"), columns=["path"])
+    paths = pd.read_parquet(split_dir(prepared, split), columns=["path"])
     manifest = out / f"{split}_paths.csv"
     paths.to_csv(manifest, index=False)
     return manifest
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-file", default=None, help="local ImageNet weights (.safetensors/.pth) for the backbone")
     p.add_argument("--mode", default="partial", choices=MODES, help="training mode (partial: the CPU recipe)")
     p.add_argument("--epochs", type=int, default=CPU_RECIPE["epochs"], help="most epochs to train")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_argument(p)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal as well")
     return p
 

@@ -25,13 +25,13 @@ from agecore.augment import view_recipe
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.faces import template_from_prepared
 from agecore.model import create_model, default_cut_stage, default_preprocessing, split_model
-from agecore.prepare import read_prepare_info, split_dir
+from agecore.prepare import SPLITS, read_prepare_info, split_dir
 from agecore.training import FeatureExtractor
 from ray_jobs.common import init_ray, model_actor_options, read_parquet
 
 log = logging.getLogger("ray_jobs.run_setup")
 
-SPLITS = ("train", "val")  # what training reads; the test split stays unread
+TRAINING_SPLITS = tuple(s for s in SPLITS if s != "test")  # the test split stays unread
 
 
 def _cache_key(
@@ -72,7 +72,7 @@ def build_feature_cache(
     # a folder or a URI that every node reaches: Ray Data's tasks write it wherever they run
     root = storage.join(cache_root or storage.join(prepared, "cache"),
                         _cache_key(prepared, prep, cut_stage, lower.state_dict(), degraded))
-    paths = {split: storage.join(root, f"split={split}") for split in SPLITS}
+    paths = {split: storage.join(root, f"split={split}") for split in TRAINING_SPLITS}
     complete = storage.join(root, "_COMPLETE")
     if storage.exists(complete):
         log.info("feature cache: reusing %s", root)
@@ -104,7 +104,8 @@ def _fragments(path: str) -> list[pa_ds.Fragment]:
     return list(pa_ds.dataset(inner, filesystem=fs, format="parquet").get_fragments())
 
 
-def resolve_cut(model_cfg: ModelConfig, cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
+def resolve_cut(cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
+    """``cfg`` with partial mode's cut stage filled in: all but the backbone's top stage, where none was given."""
     if cfg.mode == "partial" and cfg.cut_stage is None:
         return TrainConfig.from_dict({**cfg.to_dict(), "cut_stage": default_cut_stage(model.backbone)})
     return cfg
@@ -143,7 +144,7 @@ def _datasets(
 ) -> dict[str, ray.data.Dataset]:
     """The train and val datasets the workers read: images (finetune), or the feature cache's activations."""
     if cfg.mode == "finetune":
-        data = {s: split_dir(prepared, s) for s in SPLITS}
+        data = {s: split_dir(prepared, s) for s in TRAINING_SPLITS}
         columns = ["image", "age"]
     else:
         data = build_feature_cache(prepared, model_cfg, prep, cfg.cut_stage if cfg.mode == "partial" else None,
@@ -177,7 +178,7 @@ def setup_run(
     with torch.random.fork_rng():  # one seed, one initial network: reproducible, and the feature cache is reused
         torch.manual_seed(cfg.seed)
         model = create_model(model_cfg)  # fails here, at the start, if the weights cannot be had
-    cfg = resolve_cut(model_cfg, cfg, model)
+    cfg = resolve_cut(cfg, model)
 
     init_ray(address)
     datasets = _datasets(prepared, model_cfg, cfg, prep, model, cache_dir)

@@ -39,7 +39,13 @@ from agecore.checkpoint import read_meta
 from agecore.datasets import list_images
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
-from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
+from ray_jobs.common import (
+    add_address_argument,
+    add_precision_argument,
+    init_ray,
+    model_actor_options,
+    setup_logging,
+)
 
 log = logging.getLogger("ray_jobs.score")
 
@@ -228,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_argument(p)
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: find the faces (MTCNN) and write one row per face")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_argument(p)
     return p
 
 
