@@ -23,12 +23,20 @@ Loss = Literal["l1", "smooth_l1"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Optimizer = Literal["adam", "adamw"]
 Pretrained = Literal["hub", "file", "none"]
+Precision = Literal["fp32", "bf16"]
+# how an image is taken: auto, a face crop framed like the training crops as it is and anything else
+# through face detection; true, always detected; false, always as a crop
+DetectFaces = Literal["auto", "true", "false"]
 FORMATS: tuple[str, ...] = get_args(Format)
 MODES: tuple[str, ...] = get_args(Mode)
 LOSSES: tuple[str, ...] = get_args(Loss)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRETRAINED: tuple[str, ...] = get_args(Pretrained)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DETECT_FACES: tuple[str, ...] = get_args(DetectFaces)
+PRECISION_HELP = ("inference precision (default: bf16 where the device runs it natively: GPUs, CPUs with "
+                  "AVX512-BF16 or AMX; fp32 elsewhere)")
 
 MAX_AGE = 120.0
 
@@ -239,3 +247,57 @@ class FaceDetection(_Serializable):
         _check(self.min_size >= 12, f"min_size must be >= 12 pixels (MTCNN's smallest window), got {self.min_size}")
         _check(0.0 <= self.min_fraction < 1.0, f"min_fraction must be in [0, 1), got {self.min_fraction}")
         _check(self.working_size >= 64, f"working_size must be >= 64 pixels, got {self.working_size}")
+
+
+@dataclass(frozen=True)
+class ServeConfig(_Serializable):
+    """The HTTP service: its model and its deployment. ``age serve`` takes each field as an option, and
+    ``serve_config.yaml`` as a key of the application's ``args:``.
+
+    >>> ServeConfig(checkpoint="best", min_replicas=3, max_replicas=2)
+    Traceback (most recent call last):
+    ...
+    agecore.errors.InvalidInput: min_replicas (3) must be <= max_replicas (2)
+    """
+
+    checkpoint: str = field(metadata={"help": "checkpoint folder or URI (a training or tuning output's best/)"})
+    precision: Precision | None = field(default=None, metadata={"help": PRECISION_HELP})
+    threads: int | None = field(default=None, metadata={"help": "torch threads per replica (default: torch's choice)"})
+    replicas: int | None = field(default=None, metadata={"help": (
+        "a fixed number of replicas (default: autoscale between --min-replicas and --max-replicas by load)")})
+    min_replicas: int = field(default=1, metadata={"help": "autoscaling: replicas when idle"})
+    max_replicas: int = field(default=4, metadata={"help": "autoscaling: most replicas under load"})
+    target_ongoing_requests: float = field(
+        default=8.0, metadata={"help": "autoscaling: requests in flight per replica that it scales to keep"})
+    max_ongoing_requests: int = field(
+        default=32, metadata={"help": "requests a replica takes at once; more wait in the proxy"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved for each replica"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs reserved for each replica (1: one GPU each)"})
+    max_body_mb: float = field(default=10.0, metadata={"help": "largest request body in MiB, counted while reading"})
+
+    def __post_init__(self) -> None:
+        _check(self.precision in (None, *PRECISIONS), f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _check(self.replicas is None or self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        _check(self.min_replicas >= 0, f"min_replicas must be >= 0, got {self.min_replicas}")
+        _check(self.max_replicas >= 1, f"max_replicas must be >= 1, got {self.max_replicas}")
+        _check(self.min_replicas <= self.max_replicas,
+               f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        _check(self.target_ongoing_requests > 0,
+               f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        _check(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
+        _check(self.max_body_mb > 0, f"max_body_mb must be > 0, got {self.max_body_mb}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """``serve.Deployment.options`` for this config: a fixed count of replicas, or the autoscaling range."""
+        scaling: dict[str, Any] = (
+            {"num_replicas": self.replicas, "autoscaling_config": None} if self.replicas else
+            {"autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                    "target_ongoing_requests": self.target_ongoing_requests}})
+        return {**scaling, "max_ongoing_requests": self.max_ongoing_requests,
+                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}

@@ -50,20 +50,19 @@ Point = tuple[float, float]
 Template = tuple[Point, ...]
 
 # Mean landmarks of UTKFace chips, (x, y) in the unit square of the chip: the layout for checkpoints
-# whose preprocessing carries no template of its own. Measured on 500 chips spread over the
-# collection by:
-#   python -c "from agecore.faces import template_from_files as t; print(t('../shared/data/faces/final_files', 500))"
+# whose preprocessing carries no template of its own: ``template_from_files(FOLDER, 500)`` of the
+# UTKFace chips.
 UTKFACE_TEMPLATE: Template = (
     (0.3011, 0.2933), (0.6923, 0.2936), (0.4961, 0.5242), (0.3184, 0.6951), (0.6717, 0.6952),
 )
 
-# Grey border (share of the crop's side) around a training crop before its landmarks are detected:
-# MTCNN misplaces the landmarks of a face that fills the whole frame.
-TEMPLATE_PAD = 0.25
+# Grey border (share of the image's longer side) around an image before faces are looked for where it
+# may be a face crop: MTCNN misplaces the landmarks of a face that fills the whole frame.
+CROP_PAD = 0.25
 # A template from fewer crops than this is not trusted: the fallback is used instead.
 MIN_TEMPLATE_FACES = 20
-# The face of a padded crop spans about half its side: nothing smaller is looked for, on a small copy (speed).
-TEMPLATE_DETECTION = FaceDetection(min_fraction=0.3, working_size=192)
+# The face of a training crop spans most of it: nothing under 45% of its side is looked for, on a small copy (speed).
+TEMPLATE_DETECTION = FaceDetection(min_fraction=0.45, working_size=192)
 TEMPLATE_SAMPLE = 200
 
 _WARP_RESAMPLE = {
@@ -86,11 +85,13 @@ def require_mtcnn() -> type:
 @dataclass(frozen=True)
 class Face:
     """One detection in pixels of the photo: ``box`` (x1, y1, x2, y2), ``score`` MTCNN's probability,
-    ``landmarks`` five (x, y) points in ``LANDMARKS`` order."""
+    ``landmarks`` five (x, y) points in ``LANDMARKS`` order. ``aligned`` is False for an image that is a
+    face crop already (``is_face_crop``): the model then sees it as it is, and ``box`` is the whole image."""
 
     box: tuple[float, float, float, float]
     score: float
     landmarks: tuple[Point, ...]
+    aligned: bool = True
 
 
 def square_box(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int, int]:
@@ -107,6 +108,42 @@ def square_box(box: tuple[float, float, float, float], margin: float) -> tuple[i
     left, top = round(cx - side / 2), round(cy - side / 2)
     size = max(1, round(side))
     return left, top, left + size, top + size
+
+
+# How far the framing of a face may stray from the template's for its image to count as a face crop,
+# measured on the centre square the model sees: |log| of the scale, and the shift of the landmarks'
+# centre in units of the square's side. Chosen on UTKFace chips against FG-NET photos
+# (docs/benchmarks.md, "Crop or photo").
+CROP_MAX_LOG_SCALE = 0.14
+CROP_MAX_SHIFT = 0.115
+
+
+def crop_framing(face: Face, size: tuple[int, int], template: Sequence[Point]) -> tuple[float, float]:
+    """``(|log scale|, shift)`` of the similarity that takes ``template`` onto the face's landmarks, in
+    the centre square of an image of ``size`` (what ``resize_square`` gives the model); (0, 0) for a
+    face framed exactly like the training crops.
+
+    >>> t = UTKFACE_TEMPLATE; face = Face((0, 0, 100, 100), 1.0, tuple((100 * x, 100 * y + 10) for x, y in t))
+    >>> [round(v, 3) for v in crop_framing(face, (100, 120), t)]
+    [0.0, 0.0]
+    """
+    side = min(size)
+    corner = np.array([(size[0] - side) / 2, (size[1] - side) / 2])
+    points = (np.asarray(face.landmarks, np.float64) - corner) / side
+    template = np.asarray(template, np.float64)
+    m = similarity_transform(template, points)
+    return abs(math.log(math.hypot(m[0, 0], m[1, 0]))), float(np.hypot(*(points.mean(0) - template.mean(0))))
+
+
+def is_face_crop(face: Face, size: tuple[int, int], template: Sequence[Point]) -> bool:
+    """Whether an image of ``size`` whose main face is ``face`` is framed like the training crops."""
+    log_scale, shift = crop_framing(face, size, template)
+    return log_scale <= CROP_MAX_LOG_SCALE and shift <= CROP_MAX_SHIFT
+
+
+def largest(faces: Sequence[Face]) -> Face:
+    """The face with the largest box."""
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
 
 
 # -- alignment -----------------------------------------------------------------------------------------
@@ -181,8 +218,20 @@ class FaceDetector:
         or ``min_fraction`` of the shorter side where that is larger."""
         return max(float(self.config.min_size), self.config.min_fraction * min(size))
 
-    def detect(self, image: Image.Image) -> list[Face]:
-        """Faces in an RGB photo, ordered left to right (then top to bottom)."""
+    def detect(self, image: Image.Image, pad: float = 0.0) -> list[Face]:
+        """Faces in an RGB photo, ordered left to right (then top to bottom).
+
+        ``pad`` surrounds the photo with a grey border of that share of its longer side first: MTCNN
+        misplaces the landmarks of a face that fills the whole frame, as a face crop's does.
+        """
+        if pad > 0:
+            border = round(pad * max(image.size))
+            canvas = Image.new("RGB", (image.width + 2 * border, image.height + 2 * border), (128, 128, 128))
+            canvas.paste(image, (border, border))
+            return [_shifted(f, -border) for f in self._detect(canvas, self.min_face(image.size))]
+        return self._detect(image, self.min_face(image.size))
+
+    def _detect(self, image: Image.Image, min_face: float) -> list[Face]:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         scale = min(1.0, self.config.working_size / max(image.size))
@@ -192,7 +241,7 @@ class FaceDetector:
                                  Image.Resampling.BILINEAR, reducing_gap=2.0)
         sx, sy = small.width / image.width, small.height / image.height
         # MTCNN's pyramid starts at the smallest face asked for: the one knob that sets its cost
-        smallest = max(12.0, self.min_face(image.size) * min(sx, sy))
+        smallest = max(12.0, min_face * min(sx, sy))
         m = self.mtcnn
         with torch.inference_mode():
             boxes, points = detect_face(np.asarray(small), smallest, m.pnet, m.rnet, m.onet, m.thresholds,
@@ -207,19 +256,21 @@ class FaceDetector:
         return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 
 
+def _shifted(face: Face, by: float) -> Face:
+    x1, y1, x2, y2 = face.box
+    return Face((x1 + by, y1 + by, x2 + by, y2 + by), face.score, tuple((x + by, y + by) for x, y in face.landmarks))
+
+
 # -- the template: where the training crops have their landmarks ---------------------------------------
 
 
 def _landmarks_in_crop(crop: Image.Image, detector: FaceDetector) -> np.ndarray | None:
     """The most confident face's landmarks in the unit square of ``crop``, or None without a face."""
-    pad = round(TEMPLATE_PAD * max(crop.size))
-    canvas = Image.new("RGB", (crop.width + 2 * pad, crop.height + 2 * pad), (128, 128, 128))
-    canvas.paste(crop, (pad, pad))
-    faces = detector.detect(canvas)
+    faces = detector.detect(crop, pad=CROP_PAD)
     if not faces:
         return None
     best = max(faces, key=lambda f: f.score)
-    return (np.asarray(best.landmarks) - pad) / crop.size
+    return np.asarray(best.landmarks) / crop.size
 
 
 def measure_template(crops: Iterable[Image.Image | np.ndarray], detector: FaceDetector | None = None) -> Template | None:
@@ -231,7 +282,7 @@ def measure_template(crops: Iterable[Image.Image | np.ndarray], detector: FaceDe
     detector = detector or FaceDetector(TEMPLATE_DETECTION)
     found = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # MTCNN's small passes: threads cost more than they bring (10x on a busy CPU)
+    torch.set_num_threads(1)  # MTCNN's small passes: threads cost more than they bring
     try:
         for crop in crops:
             image = Image.fromarray(crop) if isinstance(crop, np.ndarray) else crop.convert("RGB")

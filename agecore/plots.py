@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from agecore.metrics import AGE_BAND_LABELS, age_band
 
@@ -132,4 +133,27 @@ def tune_scatter(trials: pd.DataFrame, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return Path(path)
+
+
+VERDICT_COLORS = {"yes": (27, 127, 59), "no": (176, 0, 32), "uncertain": (199, 119, 0), None: (30, 90, 200)}
+
+
+def annotate_faces(photo: Image.Image, faces: Sequence[dict], path: str | Path) -> Path:
+    """The photo with a box and a label (``i: age``) on each face, coloured by its verdict where it has one."""
+    from PIL import ImageDraw, ImageFont
+
+    image = photo.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    line = max(2, image.width // 300)
+    font = ImageFont.load_default(size=max(14, image.width // 40))
+    for i, face in enumerate(faces, start=1):
+        colour = VERDICT_COLORS[face.get("verdict")]
+        x1, y1, x2, y2 = face["box"]
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+        label = f"{i}: {face['age']:.1f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), label, font=font, anchor="lb")
+        draw.rectangle((left - line, top - line, right + line, bottom), fill=colour)
+        draw.text((x1, y1), label, fill="white", font=font, anchor="lb")
+    image.save(path)
     return Path(path)

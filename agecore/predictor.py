@@ -1,17 +1,16 @@
 """Checkpoint -> age predictions: the one inference path of evaluation, bulk scoring and serving.
 
-``predict`` takes one image or a list of them: a path or URI, encoded bytes, a PIL image or an
-HxWx3 ``uint8`` array; it returns one age (a ``float``) for one image, an array for a list.
-``predict_faces`` finds the faces of an uncropped photo first.
+Images come as a path or URI, encoded bytes, a PIL image or an HxWx3 ``uint8`` array.
+``predict_faces`` takes any photo: a face crop framed like the training crops is used as it is, and
+any other photo has its faces found and aligned first (``detect_faces="auto"``). ``predict`` is the
+fast path for face crops alone: one age (a ``float``) for one image, an array for a list.
 
     >>> from agecore import Predictor
     >>> predictor = Predictor("runs/faces/train/best")  # doctest: +SKIP
-    >>> predictor.predict("face.jpg")  # doctest: +SKIP
-    31.4
+    >>> predictor.predict_faces("group.jpg")  # doctest: +SKIP
+    [{'box': [48.1, 60.2, 208.9, 266.0], 'face_score': 0.9995, 'aligned': True, 'age': 27.3}, ...]
     >>> predictor.predict(["face.jpg", Image.open("other.png")])  # doctest: +SKIP
     array([31.4, 52.0], dtype=float32)
-    >>> predictor.predict_faces("group.jpg")  # doctest: +SKIP
-    [{'box': [48.1, 60.2, 208.9, 266.0], 'face_score': 0.9995, 'age': 27.3}, ...]
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import torch
 from PIL import Image
 
 from agecore.checkpoint import load_checkpoint, preprocessing
-from agecore.config import FaceDetection
-from agecore.faces import UTKFACE_TEMPLATE, Face, FaceDetector, align
+from agecore.config import PRECISIONS, DetectFaces, FaceDetection
+from agecore.faces import CROP_PAD, UTKFACE_TEMPLATE, Face, FaceDetector, align, is_face_crop, largest
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.model import freeze_graph, native_bf16
 
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 # does for convolution algorithms. GPUs want large batches.
 CPU_CHUNK_CANDIDATES = (4, 16)
 GPU_CHUNK = 256
-PRECISIONS = ("fp32", "bf16")
 
 
 def _is_single(images: object) -> bool:
@@ -84,7 +82,7 @@ class Predictor:
         self.tta_flip = self.meta["train"].get("tta_flip", True) if tta_flip is None else tta_flip
         self.precision = precision or ("bf16" if native_bf16(self.device) else "fp32")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         model = model.to(memory_format=torch.channels_last)
         self.frozen = freeze and self.device.type == "cpu"
         if self.frozen:
@@ -105,7 +103,7 @@ class Predictor:
         """The largest chunk size of ``candidates`` within 5% of the most images/s, timed on random input.
 
         Each size runs twice before it is timed: a frozen graph is slow on the first calls with a
-        new input shape (measured: 52, 32, then 21.5 ms an image), and the warmed shapes are the
+        new input shape, and the warmed shapes are the
         ones inference then uses. Then the sizes are timed in turn, twice, and each keeps its best
         time, so that a burst of other work on the machine does not decide for one of them.
         """
@@ -167,17 +165,25 @@ class Predictor:
                     self._face_detector = FaceDetector(self.face_config, str(self.device))
         return self._face_detector
 
-    def face_crops(self, image: ImageLike) -> tuple[list[Face], np.ndarray]:
-        """The faces of a photo (left to right) and their aligned crops as model input, ``(faces, N x S x S x 3)``.
+    def face_crops(self, image: ImageLike, detect_faces: DetectFaces = "auto") -> tuple[list[Face], np.ndarray]:
+        """The faces of a photo (left to right) and their crops as model input, ``(faces, N x S x S x 3)``.
 
-        Each face is warped by its five landmarks onto the training crops' landmark layout (the
-        checkpoint's ``face_template``, else ``UTKFACE_TEMPLATE``) straight at the input size: the
-        crops then go through the same ``normalize`` as every other input.
+        With ``detect_faces="auto"``, an image whose largest face is framed like the training crops
+        (``agecore.faces.is_face_crop``) is one face, taken as it is (``aligned`` False, its box the
+        whole image). Otherwise, and always with ``"true"``, each face is warped by its five landmarks
+        onto the training crops' landmark layout (the checkpoint's ``face_template``, else
+        ``UTKFACE_TEMPLATE``) straight at the input size. Every crop then goes through the same
+        ``normalize`` as any other input.
         """
+        if detect_faces not in ("auto", "true"):
+            raise ValueError(f"face_crops detects faces: detect_faces must be 'auto' or 'true', got {detect_faces!r}")
         photo = self.photo(image)
-        faces = self.face_detector.detect(photo)
+        faces = self.face_detector.detect(photo, pad=CROP_PAD)
         size = self.prep.input_size
         template = self.prep.face_template or UTKFACE_TEMPLATE
+        if detect_faces == "auto" and faces and is_face_crop(main := largest(faces), photo.size, template):
+            whole = Face((0.0, 0.0, float(photo.width), float(photo.height)), main.score, main.landmarks, aligned=False)
+            return [whole], np.stack([self.preprocess(photo)])
         crops = [align(photo, face.landmarks, template, size, self.prep.interpolation) for face in faces]
         return faces, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
@@ -237,14 +243,20 @@ class Predictor:
                 raise ImageError(e.reason, f"{name}: {e.detail}") from e
         return self.predict_arrays(np.stack(arrays)) if arrays else np.zeros(0, np.float32)
 
-    def predict_faces(self, image: ImageLike) -> list[dict[str, Any]]:
-        """Every face of an uncropped photo: ``[{"box": [x1, y1, x2, y2], "face_score", "age"}, ...]``.
+    def predict_faces(self, image: ImageLike, detect_faces: DetectFaces = "auto") -> list[dict[str, Any]]:
+        """Every face of a photo: ``[{"box": [x1, y1, x2, y2], "face_score", "aligned", "age"}, ...]``.
 
-        One forward pass for all the faces; an empty list when there is none.
+        Any photo: a face crop is one face, as it is, where ``detect_faces="auto"`` (``face_crops``);
+        ``"false"`` takes the image as a crop without looking for a face (box: the whole image,
+        ``face_score`` None). One forward pass for all the faces; an empty list when there is none.
         """
-        faces, crops = self.face_crops(image)
+        if detect_faces == "false":
+            photo = self.photo(image)
+            box = [0.0, 0.0, float(photo.width), float(photo.height)]
+            return [{"box": box, "face_score": None, "aligned": False, "age": self.predict(photo)}]
+        faces, crops = self.face_crops(image, detect_faces)
         ages = self.predict_arrays(crops)
-        return [{"box": list(face.box), "face_score": face.score, "age": float(age)}
+        return [{"box": list(face.box), "face_score": face.score, "aligned": face.aligned, "age": float(age)}
                 for face, age in zip(faces, ages, strict=True)]
 
     def predict_paths(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -301,7 +313,7 @@ class BatchPredictor:
         for i, path in enumerate(batch["path"]):
             try:
                 photo = self.predictor.photo(str(path))
-                faces, arrays = self.predictor.face_crops(photo)
+                faces, arrays = self.predictor.face_crops(photo, "true")
             except ImageError as e:
                 rows.append((i, None, None, np.nan, f"{e.reason}: {e.detail}"))
                 continue

@@ -38,7 +38,7 @@ from score import machine_ceilings  # benchmarks/score.py, beside this file
 
 from agecore.datasets import list_images
 from agecore.predictor import Predictor
-from ray_jobs.serve import BATCH_SIZE
+from ray_jobs.serve.schema import BATCH_SIZE
 
 
 @dataclass
@@ -167,37 +167,36 @@ async def run_load(url: str, bodies: list[bytes], args: argparse.Namespace) -> t
 # -- the service -------------------------------------------------------------------------------------
 
 
-def serve_settings(config: Path) -> tuple[dict[str, Any], dict[str, Any], str, int]:
-    """(app args, AgeService options, route prefix, port) of the config's ``ray_jobs.serve`` app."""
+def serve_settings(config: Path) -> tuple[dict[str, Any], str, int]:
+    """(app args, route prefix, port) of the config's ``ray_jobs.serve`` app."""
     cfg = yaml.safe_load(config.read_text())
     app = next(a for a in cfg["applications"] if a["import_path"] == "ray_jobs.serve:build_app")
-    deployment = next((d for d in app.get("deployments", []) if d["name"] == "AgeService"), {})
-    options = {k: v for k, v in deployment.items() if k in ("max_ongoing_requests", "ray_actor_options")}
-    return dict(app.get("args", {})), options, app.get("route_prefix", "/"), cfg.get("http_options", {}).get("port", 8000)
+    return dict(app.get("args", {})), app.get("route_prefix", "/"), cfg.get("http_options", {}).get("port", 8000)
 
 
 def replica_threads(config: Path) -> int:
     """The torch threads a replica of the config runs: its ``args.threads``, else Ray's OMP_NUM_THREADS,
     which Ray sets to the actor's ``num_cpus``."""
-    app_args, options, _, _ = serve_settings(config)
-    return int(app_args.get("threads") or options.get("ray_actor_options", {}).get("num_cpus", 1))
+    app_args, _, _ = serve_settings(config)
+    return int(app_args.get("threads") or app_args.get("num_cpus", 1))
 
 
 def start_service(checkpoint: str, config: Path, replicas: int, threads: int, port: int | None) -> str:
     import ray
     from ray import serve
 
-    from ray_jobs.serve import age_app
+    from ray_jobs.serve import age_app, parse_args
 
-    app_args, options, prefix, config_port = serve_settings(config)
+    app_args, prefix, config_port = serve_settings(config)
     # fixed replicas: autoscaling would change the thing being measured mid-phase
     app_args.update(checkpoint=checkpoint, threads=threads, replicas=replicas)
     # local on purpose (the load comes from this host); replica logs stay in Ray's log files
     ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
     port = port or config_port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(age_app(app_args, options), name="age", route_prefix=prefix)
-    return f"http://127.0.0.1:{port}{prefix.rstrip('/')}/v1/age"
+    serve.run(age_app(parse_args(app_args)), name="age", route_prefix=prefix)
+    # face crops, posted as crops: the model's path, not the face detector's
+    return f"http://127.0.0.1:{port}{prefix.rstrip('/')}/v1/age?detect_faces=false"
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ With ``--checkpoint`` the same measurement runs against the real service (``ray_
 """
 
 # No `from __future__ import annotations`: Serve's class-based ingress does not resolve string
-# annotations such as "Request" (see ray_jobs/serve.py).
+# annotations such as "Request" (see ray_jobs/serve/app.py).
 import argparse
 import asyncio
 import os
@@ -30,7 +30,7 @@ from ray import serve
 from serve_load import closed_loop, face_bodies  # benchmarks/serve_load.py, beside this file
 
 from agecore.images import load_image
-from ray_jobs.serve import age_app
+from ray_jobs.serve import age_app, parse_args
 
 app = FastAPI()
 
@@ -103,7 +103,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     if args.checkpoint:
-        app = age_app({"checkpoint": args.checkpoint, "replicas": args.replicas})
+        app = age_app(parse_args({"checkpoint": args.checkpoint, "replicas": args.replicas}))
         serve.run(app, name="age", route_prefix="/")
         what = f"The service with {args.checkpoint}, {args.replicas} replica(s)"
     else:
@@ -111,7 +111,7 @@ def main() -> None:
         what = "Serve's HTTP path without the model"
     print(f"\n{what}, {os.cpu_count()} CPUs shared with the load generator; CPU ms per answered request by process:\n")
     try:
-        asyncio.run(measure(f"http://127.0.0.1:{args.port}/v1/age", bodies, args.concurrency, args.phase_seconds))
+        asyncio.run(measure(f"http://127.0.0.1:{args.port}/v1/age?detect_faces=false", bodies, args.concurrency, args.phase_seconds))
     finally:
         serve.shutdown()
 

@@ -6,6 +6,7 @@
     age tune     --prepared runs/prepared --out runs/tune --samples 16
     age score    --checkpoint runs/train/best --input photos/ --out runs/scores
     age serve    --checkpoint runs/train/best
+    age predict  --checkpoint runs/train/best photo.jpg
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from agecore.errors import UserError
 
-STAGES = ("quickstart", "prepare", "train", "tune", "evaluate", "score", "serve")
+STAGES = ("quickstart", "prepare", "train", "tune", "evaluate", "score", "serve", "predict")
 USER_ERROR_STATUS = 2  # argparse's status for a bad option: every user error exits the same way
 
 

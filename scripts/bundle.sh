@@ -123,11 +123,7 @@ applications:
   - name: age
     route_prefix: /
     import_path: ray_jobs.serve:build_app
-    args: {checkpoint: $1}
-    deployments:
-      - name: AgeService
-        max_ongoing_requests: 64
-        ray_actor_options: {num_cpus: 1, num_gpus: 1}
+    args: {checkpoint: $1, max_ongoing_requests: 64, num_cpus: 1, num_gpus: 1}
 EOF
 }
 

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from agecore.config import FaceDetection
-from agecore.faces import UTKFACE_TEMPLATE, FaceDetector, align
+from agecore.faces import CROP_PAD, UTKFACE_TEMPLATE, FaceDetector, align
 from agecore.predictor import Predictor
 from ray_jobs.score import _whole_photos, score
 from tests.conftest import free_port, subset, tiny_checkpoint
@@ -89,14 +89,33 @@ def test_predict_faces_gives_one_entry_per_face_through_the_shared_path(photos, 
     predictor.predict([(folder / "one.jpg").read_bytes()])
     assert predictor._face_detector is None  # nothing loaded for those who never ask for faces
     found = predictor.predict_faces((folder / "two.jpg").read_bytes())
-    assert [sorted(f) for f in found] == [["age", "box", "face_score"]] * 2
-    assert all(len(f["box"]) == 4 and np.isfinite(f["age"]) for f in found)
+    assert [sorted(f) for f in found] == [["age", "aligned", "box", "face_score"]] * 2
+    assert all(len(f["box"]) == 4 and np.isfinite(f["age"]) and f["aligned"] for f in found)
     # the same age as aligning the face by hand: detection and alignment only choose the pixels
     photo = Image.open(folder / "two.jpg").convert("RGB")
-    face = predictor.face_detector.detect(photo)[1]
+    face = predictor.face_detector.detect(photo, pad=CROP_PAD)[1]
     crop = align(photo, face.landmarks, UTKFACE_TEMPLATE, predictor.prep.input_size)
     assert predictor.predict([crop])[0] == pytest.approx(found[1]["age"], abs=1e-4)
     assert predictor.predict_faces(Image.open(folder / "plain.jpg")) == []
+
+
+def test_auto_takes_training_like_crops_as_they_are(faces_root, checkpoint):
+    predictor = Predictor(checkpoint, "cpu")
+    names = subset(faces_root, 9)["file_name"].iloc[[3, 6, 7]]
+    for name in names:
+        chip = Image.open(faces_root / "final_files" / name).convert("RGB")
+        (found,) = predictor.predict_faces(chip)
+        assert found["aligned"] is False and found["box"] == [0.0, 0.0, 200.0, 200.0], name
+        assert found["age"] == pytest.approx(predictor.predict(chip), abs=1e-4)  # the crop path itself
+        (forced,) = predictor.predict_faces(chip, detect_faces="true")
+        assert forced["aligned"] is True and forced["box"] != found["box"]
+        # the same face made smaller within a photo is no crop: it is found and aligned
+        canvas = Image.new("RGB", (600, 600), (128, 128, 128))
+        canvas.paste(chip, (200, 150))
+        (inside,) = predictor.predict_faces(canvas)
+        assert inside["aligned"] is True and 150 < inside["box"][0] < 300
+    (as_crop,) = predictor.predict_faces(Image.new("RGB", (64, 64)), detect_faces="false")
+    assert as_crop["face_score"] is None and as_crop["aligned"] is False
 
 
 def test_a_missing_facenet_says_how_to_install_it(monkeypatch):
@@ -168,7 +187,9 @@ def test_serve_detect_faces(photos, checkpoint, ray_local):
         assert plain.status_code == 200 and plain.json()["faces"] == [] and "no face" in plain.json()["message"]
         bad = requests.post(f"{url}?detect_faces=true", files={"file": ("a.jpg", b"nope", "image/jpeg")}, timeout=60)
         assert bad.status_code == 422 and bad.json()["error"] == "not_an_image"
-        whole = requests.post(url, files={"file": ("two.jpg", two, "image/jpeg")}, timeout=60).json()
-        assert "faces" not in whole and 0 < whole["age"] < 130  # without the parameter: as before
+        default = requests.post(url, files={"file": ("two.jpg", two, "image/jpeg")}, timeout=60).json()
+        assert [f["age"] for f in default["faces"]] == [f["age"] for f in found]  # auto: a photo's faces
+        whole = requests.post(f"{url}?detect_faces=false", files={"file": ("two.jpg", two, "image/jpeg")}, timeout=60)
+        assert "faces" not in whole.json() and 0 < whole.json()["age"] < 130  # false: the image as one crop
     finally:
         serve.shutdown()

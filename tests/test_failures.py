@@ -32,14 +32,14 @@ def alive_actors(class_prefix: str) -> list[dict]:
 def two_replicas(ray_local, tmp_path):
     from ray import serve
 
-    from ray_jobs.serve import AgeService
+    from agecore.config import ServeConfig
+    from ray_jobs.serve import age_app
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     serve.shutdown()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = AgeService.options(autoscaling_config={"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2},
-                             ray_actor_options={"num_cpus": 0.25}).bind(str(ckpt), 1.0, 1)
+    app = age_app(ServeConfig(checkpoint=str(ckpt), replicas=2, num_cpus=0.25, threads=1, max_body_mb=1.0))
     serve.run(app, name="failover", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -57,7 +57,7 @@ def test_service_recovers_from_a_killed_replica(two_replicas, faces_root):
         with requests.Session() as http:
             while not stop.is_set():
                 try:
-                    r = http.post(f"{two_replicas}/v1/age", data=image, headers={"content-type": "image/jpeg"},
+                    r = http.post(f"{two_replicas}/v1/age?detect_faces=false", data=image, headers={"content-type": "image/jpeg"},
                                   timeout=30)
                     outcomes.append((time.monotonic(), "ok" if r.status_code == 200 else str(r.status_code)))
                 except requests.RequestException as e:

@@ -56,15 +56,15 @@ def face() -> bytes:
 
 def test_routes_answer(service):
     assert requests.get(f"{service}/healthz", timeout=30).json() == {"status": "ok"}
-    one = requests.post(f"{service}/v1/age", files={"file": ("a.jpg", face(), "image/jpeg")}, timeout=60).json()
+    one = requests.post(f"{service}/v1/age?detect_faces=false", files={"file": ("a.jpg", face(), "image/jpeg")}, timeout=60).json()
     assert 0 < one["age"] < 130 and one["model"]["backbone"] == "test_resnet" and one["seconds"] >= 0
-    raw = requests.post(f"{service}/v1/age", data=face(), headers={"content-type": "image/jpeg"}, timeout=60).json()
+    raw = requests.post(f"{service}/v1/age?detect_faces=false", data=face(), headers={"content-type": "image/jpeg"}, timeout=60).json()
     assert raw["age"] == pytest.approx(one["age"], abs=1e-3)
-    batch = requests.post(f"{service}/v1/age/batch", timeout=60, files=[
+    batch = requests.post(f"{service}/v1/age/batch?detect_faces=false", timeout=60, files=[
         ("files", ("a.jpg", face(), "image/jpeg")), ("files", ("bad.jpg", b"nope", "image/jpeg"))]).json()
     assert batch["results"][0]["age"] == pytest.approx(one["age"], abs=1e-3)
     assert batch["results"][1]["error"] == "not_an_image"
-    verify = requests.post(f"{service}/v1/verify?min_age=18", files={"file": ("a.jpg", face(), "image/jpeg")},
+    verify = requests.post(f"{service}/v1/verify?min_age=18&detect_faces=false", files={"file": ("a.jpg", face(), "image/jpeg")},
                            timeout=60).json()
     assert verify["verdict"] in ("yes", "no", "uncertain") and verify["likely_range"][0] <= verify["age"]
     assert "band" in verify["margin_source"]
@@ -79,7 +79,7 @@ def test_requests_that_arrive_during_a_forward_pass_share_the_next_one(service):
 
     from ray import serve
 
-    from ray_jobs.serve import SharedForward
+    from ray_jobs.serve.batching import SharedForward
 
     class SlowModel:
         """A stand-in predictor whose forward pass takes 0.3 s and records its batch sizes."""
@@ -116,10 +116,10 @@ def test_requests_that_arrive_during_a_forward_pass_share_the_next_one(service):
 
 
 def test_config_precision_is_checked_before_any_replica_starts(serve_checkpoint):
-    from ray_jobs.serve import age_app
+    from ray_jobs.serve import build_app
 
-    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
-        age_app({"checkpoint": str(serve_checkpoint), "precision": "fp16"})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_app({"checkpoint": str(serve_checkpoint), "precision": "fp16"})
 
 
 @pytest.mark.parametrize(
@@ -206,7 +206,7 @@ def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkp
         with requests.Session() as session:
             while not stop.is_set():
                 try:
-                    r = session.post(f"{service}/v1/age", data=face(), headers={"content-type": "image/jpeg"},
+                    r = session.post(f"{service}/v1/age?detect_faces=false", data=face(), headers={"content-type": "image/jpeg"},
                                      timeout=30)
                 except requests.RequestException as e:
                     failures.append(repr(e))
@@ -272,7 +272,7 @@ def _parts(n: int) -> list[tuple[str, tuple[str, bytes, str]]]:
     ],
 )
 def test_framework_refusals_have_the_service_shape(service, method, path, kwargs, status, error):
-    from ray_jobs.serve import REFUSALS
+    from ray_jobs.serve.schema import REFUSALS
 
     r = requests.request(method, f"{service}{path}", timeout=60, **kwargs)
     assert r.status_code == status, r.text
@@ -282,9 +282,9 @@ def test_framework_refusals_have_the_service_shape(service, method, path, kwargs
 
 def test_request_id_is_echoed_and_answers_name_the_model_without_a_path(service, serve_checkpoint):
     from agecore import __version__
-    from ray_jobs.serve import MAX_FILES, ModelIdentity
+    from ray_jobs.serve.schema import MAX_FILES, ModelIdentity
 
-    r = requests.post(f"{service}/v1/age", data=face(), headers={"content-type": "image/jpeg",
+    r = requests.post(f"{service}/v1/age?detect_faces=false", data=face(), headers={"content-type": "image/jpeg",
                                                                   "X-Request-ID": "client-42"}, timeout=60)
     assert r.headers["x-request-id"] == "client-42"
     assert requests.get(f"{service}/healthz", timeout=30).headers["x-request-id"]  # made up when not sent
@@ -343,25 +343,45 @@ def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(service):
     assert requests.get(f"{service}/healthz", timeout=30).status_code == 200
 
 
-def test_detect_faces_on_batch_and_verify(service, faces_root):
+def two_face_photo(faces_root: Path) -> bytes:
+    """A 640x480 photo with two UTKFace chips pasted on grey, the larger on the right."""
     chip = Image.open(faces_root / "final_files" / subset(faces_root, 9)["file_name"][6]).convert("RGB")
-    small = chip.resize((chip.width // 2, chip.height // 2))
     canvas = Image.new("RGB", (640, 480), (128, 128, 128))
-    canvas.paste(small, (40, 80))
-    canvas.paste(chip, (330, 100))  # the larger face
+    canvas.paste(chip.resize((chip.width // 2, chip.height // 2)), (40, 80))
+    canvas.paste(chip, (330, 100))
     buf = io.BytesIO()
     canvas.save(buf, "JPEG", quality=95)
-    photo, plain = buf.getvalue(), jpeg_bytes((640, 480), color=(128, 128, 128))
+    return buf.getvalue()
+
+
+def test_detect_faces_on_batch_and_verify(service, faces_root):
+    photo, plain = two_face_photo(faces_root), jpeg_bytes((640, 480), color=(128, 128, 128))
     batch = requests.post(f"{service}/v1/age/batch?detect_faces=true", timeout=120, files=[
         ("files", ("two.jpg", photo, "image/jpeg")), ("files", ("plain.jpg", plain, "image/jpeg"))])
     assert batch.status_code == 200, batch.text
     two, none = batch.json()["results"]
-    assert two["box"][0] > 300 and 0 < two["age"] < 130 and two["error"] is None
+    assert two["box"][0] > 300 and 0 < two["age"] < 130 and two["error"] is None and two["aligned"] is True
     assert none["error"] == "no_face" and none["age"] is None
     verify = requests.post(f"{service}/v1/verify?detect_faces=true&min_age=21", timeout=120,
                            files={"file": ("two.jpg", photo, "image/jpeg")}).json()
     assert len(verify["faces"]) == 2 and verify["min_age"] == 21
     assert all(f["verdict"] in ("yes", "no", "uncertain") and f["likely_range"][0] <= f["age"] for f in verify["faces"])
+    assert verify["verdict"] == verify["faces"][1]["verdict"]  # the larger face's
+
+
+def test_auto_takes_a_face_crop_as_it_is_and_a_photo_through_detection(service, faces_root):
+    chip = (faces_root / "final_files" / subset(faces_root, 9)["file_name"][6]).read_bytes()
+    post = lambda data, detect: requests.post(f"{service}/v1/age?detect_faces={detect}", data=data,  # noqa: E731
+                                              headers={"content-type": "image/jpeg"}, timeout=120).json()
+    auto, crop = post(chip, "auto"), post(chip, "false")
+    assert [f["aligned"] for f in auto["faces"]] == [False] and auto["faces"][0]["box"][2:] == [200.0, 200.0]
+    assert auto["age"] == pytest.approx(crop["age"], abs=1e-3)  # the crop path, pixel for pixel
+    photo = two_face_photo(faces_root)
+    auto, detected = post(photo, "auto"), post(photo, "true")
+    assert [f["aligned"] for f in auto["faces"]] == [True, True]
+    assert [f["age"] for f in auto["faces"]] == pytest.approx([f["age"] for f in detected["faces"]], abs=1e-3)
+    assert auto["age"] == auto["faces"][1]["age"]  # the larger face's
+    assert post(jpeg_bytes((640, 480), color=(128, 128, 128)), "auto")["faces"] == []  # never the whole frame
 
 
 def test_a_client_generated_from_the_schema_reads_an_estimate(service, tmp_path, monkeypatch):
@@ -384,14 +404,14 @@ def test_a_client_generated_from_the_schema_reads_an_estimate(service, tmp_path,
     from age_client.types import File
 
     client = Client(base_url=service, timeout=60)
-    form = age_v1_age_post.sync(client=client, body=AgeV1AgePostFilesBody(file=File(io.BytesIO(face()), "a.jpg",
-                                                                                      "image/jpeg")))
-    raw = age_v1_age_post.sync(client=client, body=File(io.BytesIO(face()), "a.jpg", "image/jpeg"))
+    crop = {"client": client, "detect_faces": "false"}  # a colour block is no face: the crop path
+    form = age_v1_age_post.sync(**crop, body=AgeV1AgePostFilesBody(file=File(io.BytesIO(face()), "a.jpg", "image/jpeg")))
+    raw = age_v1_age_post.sync(**crop, body=File(io.BytesIO(face()), "a.jpg", "image/jpeg"))
     assert isinstance(form, AgeAnswer) and isinstance(raw, AgeAnswer)
     assert 0 < form.age < 130 and raw.age == pytest.approx(form.age, abs=1e-3) and form.model.backbone == "test_resnet"
     refused = age_v1_age_post.sync(client=client, body=File(io.BytesIO(b"nope"), "a.jpg"))
     assert isinstance(refused, Refusal) and refused.error == "not_an_image"
-    verdict = verify_v1_verify_post.sync(client=client, body=File(io.BytesIO(face()), "a.jpg"), min_age=30)
+    verdict = verify_v1_verify_post.sync(**crop, body=File(io.BytesIO(face()), "a.jpg"), min_age=30)
     assert isinstance(verdict, VerifyAnswer) and verdict.min_age == 30
 
 
@@ -414,7 +434,7 @@ def test_metrics_are_scraped_from_the_metrics_port(service):
     assert 'route="/v1/age"' in text and 'reason="body_too_large"' in text and 'reason="too_many_files"' in text
 
 
-def test_readme_curl_examples_answer_as_documented(service, tmp_path, monkeypatch):
+def test_readme_curl_examples_answer_as_documented(service, faces_root, tmp_path, monkeypatch):
     """The README's curl lines, run as written against the service (its port in place of 8000)."""
     import json
     import re
@@ -424,7 +444,7 @@ def test_readme_curl_examples_answer_as_documented(service, tmp_path, monkeypatc
     lines = [line for block in re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M)
              for line in block.splitlines() if line.startswith("curl ")]
     assert len(lines) >= 2, "the README has no curl example"
-    (tmp_path / "photo.jpg").write_bytes(face())
+    (tmp_path / "photo.jpg").write_bytes(two_face_photo(faces_root))
     monkeypatch.chdir(tmp_path)
     for line in lines:
         command = line.split(" #")[0].replace("http://127.0.0.1:8000", service)
@@ -432,6 +452,48 @@ def test_readme_curl_examples_answer_as_documented(service, tmp_path, monkeypatc
         assert done.returncode == 0, (line, done.stderr)
         answer = json.loads(done.stdout)
         assert "error" not in answer, (line, answer)
-        assert isinstance(answer["age"], float) and len(answer["likely_range"]) == 2, (line, answer)
+        assert len(answer["faces"]) == 2, (line, answer)  # the photo's two faces, found by default
         if "/v1/verify" in line:
-            assert answer["verdict"] in ("yes", "no", "uncertain")
+            assert answer["verdict"] == answer["faces"][1]["verdict"] in ("yes", "no", "uncertain")
+        else:
+            assert answer["age"] == answer["faces"][1]["age"] and len(answer["likely_range"]) == 2, (line, answer)
+
+
+@pytest.mark.parametrize(
+    ("facenet", "status", "error"),
+    [
+        ('raise ImportError("No module named facenet_pytorch")\n', 501, "face_detection_unavailable"),
+        ("class MTCNN:\n    def __init__(self, *args, **kwargs):\n        raise RuntimeError('broken')\n", 500,
+         "internal_error"),
+    ],
+    ids=["detector-missing", "detector-broken"],
+)
+def test_a_missing_or_broken_detector_answers_in_the_refusal_shape(service, serve_checkpoint, faces_root, tmp_path,
+                                                                    facenet, status, error):
+    """A replica whose facenet_pytorch is missing answers 501 naming the install; a bug answers 500."""
+    import os
+
+    from ray import serve
+
+    from agecore.config import ServeConfig
+    from ray_jobs.serve import AgeService
+
+    fake = tmp_path / "site" / "facenet_pytorch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(facenet)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+    app = AgeService.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}).bind(
+        ServeConfig(checkpoint=str(serve_checkpoint)))
+    serve.run(app, name="no_detector", route_prefix="/no-detector")
+    try:
+        url = f"{service}/no-detector/v1/age"
+        r = requests.post(url, data=two_face_photo(faces_root), headers={"content-type": "image/jpeg"}, timeout=120)
+        assert r.status_code == status and r.json()["error"] == error, r.text
+        if error == "face_detection_unavailable":
+            assert "pip install" in r.json()["message"]
+        else:
+            assert r.headers["x-request-id"] in r.json()["message"] or "X-Request-ID" in r.json()["message"]
+        crop = requests.post(f"{url}?detect_faces=false", data=face(), headers={"content-type": "image/jpeg"}, timeout=60)
+        assert crop.status_code == 200 and crop.json()["age"] > -50  # the crop path needs no detector
+    finally:
+        serve.delete("no_detector")

@@ -1,6 +1,6 @@
 """`age serve` and serve_config.yaml take the same keys, and refuse user errors before Ray starts (no Ray here)."""
 
-import argparse
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -20,33 +20,47 @@ def config_args() -> dict:
 
 
 def test_the_config_serves_what_the_quickstart_trains_and_its_args_are_the_cli_options():
-    from ray_jobs.serve import ServeArgs
+    from agecore.config import ServeConfig
+    from ray_jobs.options import config_from_args
+    from ray_jobs.serve import parse_args
+    from ray_jobs.serve.app import build_parser
 
-    args = ServeArgs.parse(config_args())
-    assert args.checkpoint == "runs/faces/train/best" and args.max_body_mb == 10 and args.replicas == "auto"
-    parser = argparse.ArgumentParser()
-    ServeArgs.add_arguments(parser)
-    options = {a.dest for a in parser._actions if a.dest != "help"}
-    assert options == set(ServeArgs.model_fields) and set(config_args()) <= options
-    cli = vars(parser.parse_args(["--checkpoint", "x", "--replicas", "2", "--threads", "1"]))
-    assert ServeArgs.parse(cli) == ServeArgs(checkpoint="x", replicas=2, threads=1)  # same defaults elsewhere
+    config = parse_args(config_args())
+    assert config == ServeConfig(checkpoint="runs/faces/train/best")  # every key it sets is the default
+    parser = build_parser()
+    options = {a.dest for a in parser._actions} - {"help", "host", "port", "metrics_port"}
+    assert options == {f.name for f in dataclasses.fields(ServeConfig)} and set(config_args()) <= options
+    cli = parser.parse_args(["--checkpoint", "x", "--replicas", "2", "--threads", "1"])
+    assert config_from_args(ServeConfig, cli) == ServeConfig(checkpoint="x", replicas=2, threads=1)
+
+
+def test_the_deployment_options_come_from_the_config_alone():
+    from agecore.config import ServeConfig
+
+    auto = ServeConfig(checkpoint="x", min_replicas=2, max_replicas=6, target_ongoing_requests=4, num_gpus=1)
+    assert auto.deployment_options() == {
+        "autoscaling_config": {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 4},
+        "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
+    fixed = ServeConfig(checkpoint="x", replicas=3).deployment_options()
+    assert fixed["num_replicas"] == 3 and fixed["autoscaling_config"] is None
 
 
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        ({"checkpoint": "x", "precision": "fp16"}, "precision must be fp32 or bf16"),
+        ({"checkpoint": "x", "precision": "fp16"}, "precision must be one of"),
         ({"checkpoint": "x", "replicas": 0}, "replicas"),
         ({"checkpoint": "x", "max_body_mb": -1}, "max_body_mb"),
+        ({"checkpoint": "x", "min_replicas": 5}, "min_replicas"),
         ({"checkpoint": "x", "max_batch": 4}, "max_batch"),
         ({}, "checkpoint"),
     ],
 )
 def test_a_bad_arg_is_a_user_error_naming_it(args, named):
-    from ray_jobs.serve import ServeArgs
+    from ray_jobs.serve import parse_args
 
     with pytest.raises(InvalidInput, match=named):
-        ServeArgs.parse(args)
+        parse_args(args)
 
 
 def _no_ray(monkeypatch) -> None:

@@ -1,0 +1,3 @@
+from ray_jobs.cli import run_stage
+
+run_stage("serve")

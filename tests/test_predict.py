@@ -1,0 +1,83 @@
+"""``age predict``: one line (or one API answer) per face, the library's own ages, and no Ray."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agecore.checkpoint import attach_calibration
+from agecore.evaluate import calibration
+from agecore.metrics import verify_answer
+from agecore.plots import VERDICT_COLORS
+from agecore.predictor import Predictor
+from ray_jobs.predict import main
+from tests.conftest import subset, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("predict_ckpt"))
+    rng = np.random.default_rng(0)
+    true = rng.uniform(1, 90, 500)
+    attach_calibration(ckpt, calibration(true, true + rng.normal(0, 4, 500)), "test")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def photos(faces_root, tmp_path_factory):
+    """A photo with two pasted faces, a face crop as it is, and a file that is no image."""
+    folder = tmp_path_factory.mktemp("predict_photos")
+    names = subset(faces_root, 9)["file_name"].iloc[[3, 6]]
+    chips = [Image.open(faces_root / "final_files" / n).convert("RGB") for n in names]
+    canvas = Image.new("RGB", (640, 360), (128, 128, 128))
+    canvas.paste(chips[0], (40, 80))
+    canvas.paste(chips[1], (380, 100))
+    canvas.save(folder / "two.jpg", quality=92)
+    chips[0].save(folder / "crop.png")
+    (folder / "notes.jpg").write_text("not an image\n")
+    return folder
+
+
+def test_json_answers_are_the_librarys_faces_with_their_verdicts(checkpoint, photos, capsys):
+    main(["--checkpoint", str(checkpoint), "--json", "--min-age", "21", str(photos / "two.jpg"), str(photos / "crop.png")])
+    two, crop = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    library = Predictor(checkpoint).predict_faces(str(photos / "two.jpg"))
+    assert [f["age"] for f in two["faces"]] == pytest.approx([round(f["age"], 2) for f in library], abs=1e-6)
+    assert [f["box"] for f in two["faces"]] == [f["box"] for f in library] and len(library) == 2
+    cal = json.loads((checkpoint / "calibration.json").read_text())
+    for face, found in zip(two["faces"], library, strict=True):
+        expected = verify_answer(found["age"], 21, cal, 12.0)
+        assert face["verdict"] == expected["verdict"] and face["likely_range"] == expected["likely_range"]
+    assert two["min_age"] == 21 and two["verdict"] == two["faces"][1]["verdict"]  # the larger face's
+    assert [f["aligned"] for f in crop["faces"]] == [False]  # a training-like crop, taken as it is
+
+
+def test_lines_drawings_and_a_bad_file_reported_on_its_own(checkpoint, photos, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--checkpoint", str(checkpoint), "--draw", str(tmp_path / "drawn"),
+              str(photos / "two.jpg"), str(photos / "notes.jpg"), str(photos / "crop.png")])
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split("  ")[:2] for line in lines] == [
+        [str(photos / "two.jpg"), "face 1/2"], [str(photos / "two.jpg"), "face 2/2"], [str(photos / "crop.png"), "face 1/1"]]
+    assert lines[2].endswith("(as a face crop)") and "verdict" not in out
+    assert f"{photos / 'notes.jpg'}: error: " in err and "1 of 3 photos could not be read" in err
+    drawn = np.asarray(Image.open(tmp_path / "drawn" / "two.png").convert("RGB")).astype(int)
+    assert drawn.shape == (360, 640, 3)
+    for face in Predictor(checkpoint).predict_faces(str(photos / "two.jpg")):  # each box's left edge, mid-height
+        x1, y1, _, y2 = (round(v) for v in face["box"])
+        assert np.abs(drawn[(y1 + y2) // 2, x1] - VERDICT_COLORS[None]).max() <= 2
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["crop.png", "two.png"]
+
+
+def test_age_predict_starts_no_ray(checkpoint, photos):
+    code = ("import sys; from ray_jobs.cli import main; "
+            f"main(['predict', '--checkpoint', {str(checkpoint)!r}, {str(photos / 'crop.png')!r}]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{photos / 'crop.png'}  face 1/1  box 0,0,200,200  age ")
