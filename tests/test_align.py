@@ -126,16 +126,13 @@ def test_a_checkpoint_carries_its_face_template(tmp_path):
 
 # -- with MTCNN ------------------------------------------------------------------------------------------
 
-pytest.importorskip("facenet_pytorch", reason='pip install --no-deps "facenet-pytorch==2.6.0"')
-
-
 @pytest.fixture(scope="module")
-def chips(faces_root) -> list[Image.Image]:
+def chips(faces_root, facenet) -> list[Image.Image]:
     return [Image.open(faces_root / "final_files" / n).convert("RGB") for n in subset(faces_root, 24)["file_name"]]
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
+def detector(facenet) -> FaceDetector:
     return FaceDetector()
 
 
@@ -226,7 +223,7 @@ def test_evaluate_detect_faces_scores_one_face_a_photo_and_reports_photos_withou
 
 
 @pytest.mark.slow
-def test_the_template_of_a_prepared_training_split_is_what_training_stores(prepared_small):
+def test_the_template_of_a_prepared_training_split_is_what_training_stores(prepared_small, facenet):
     from agecore.faces import template_from_prepared
 
     template = template_from_prepared(str(prepared_small), n=60)  # 64 px crops: the smallest that prepare makes here

@@ -21,7 +21,7 @@ from agecore.predictor import Predictor
 from ray_jobs.score import _whole_photos, score
 from tests.conftest import free_port, subset, tiny_checkpoint
 
-pytest.importorskip("facenet_pytorch", reason='pip install --no-deps "facenet-pytorch==2.6.0"')
+pytestmark = pytest.mark.usefixtures("facenet")
 
 CANVAS = (640, 360)
 

@@ -36,8 +36,7 @@ def quickstart_layout(faces_root, tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_readme_python_example_runs(quickstart_layout):
-    pytest.importorskip("facenet_pytorch")
+def test_readme_python_example_runs(quickstart_layout, facenet):
     blocks = fenced("python")
     assert blocks, "the README has no python example"
     for block in blocks:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from agecore.checkpoint import attach_calibration, weights_digest
 from agecore.evaluate import calibration
-from tests.conftest import free_port, jpeg_bytes, subset, tiny_checkpoint
+from tests.conftest import free_port, jpeg_bytes, missing, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -150,14 +150,16 @@ def test_decompression_bomb_and_bad_min_age(service):
 
 @pytest.fixture
 def browser(tmp_path):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (scripts/setup.sh installs Debian's chromium and chromium-driver)")
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        missing(f"{CHROMIUM} and {CHROMEDRIVER} are not installed: apt-get install chromium chromium-driver "
+                "(scripts/setup.sh --dev does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(flag)
@@ -168,19 +170,24 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_page_shows_the_estimate_for_an_uploaded_face(service, browser, faces_root, tmp_path):
+def test_page_draws_every_face_of_a_photo_and_takes_a_selfie(service, browser, faces_root, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = faces_root / "final_files" / subset(faces_root, 3)["file_name"][1]
-    expected = requests.post(f"{service}/v1/age", files={"file": (image.name, image.read_bytes(), "image/jpeg")},
-                             timeout=60).json()["age"]
+    photo = tmp_path / "two.jpg"
+    photo.write_bytes(two_face_photo(faces_root))
+    expected = requests.post(f"{service}/v1/verify?min_age=18", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+                             timeout=60).json()
     browser.get(f"{service}/")
-    browser.find_element(By.ID, "file").send_keys(str(image))
+    browser.find_element(By.ID, "file").send_keys(str(photo))
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    shown = WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.ID, "age"))[0].text
-    # the page shows one decimal of the same estimate
-    assert 0 < float(shown) < 120 and float(shown) == pytest.approx(expected, abs=0.051)
+    shown = WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.face .face-age"))
+    # one line per face, each one decimal of the API's estimate for that face
+    assert [float(e.text) for e in shown] == pytest.approx([f["age"] for f in expected["faces"]], abs=0.051)
+    assert len(shown) == 2 and float(browser.find_element(By.ID, "age").text) == pytest.approx(
+        expected["faces"][1]["age"], abs=0.051)  # the headline is the larger face
+    canvas = browser.find_element(By.ID, "photo")
+    assert canvas.is_displayed() and canvas.get_attribute("width") == "640"  # the photo, drawn with its boxes
     assert browser.find_element(By.ID, "verdict").text in ("yes, at least 18", "no, under 18", "uncertain")
     assert "test_resnet" in browser.find_element(By.ID, "model").text
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -192,6 +199,13 @@ def test_page_shows_the_estimate_for_an_uploaded_face(service, browser, faces_ro
     result = browser.find_element(By.ID, "result")
     WebDriverWait(browser, 60).until(lambda d: "not_an_image" in result.text)
     assert result.get_attribute("class") == "error" and not browser.find_elements(By.ID, "age")
+
+    # Chromium's fake camera shows a test pattern, no face: the page says so, with the rule it was held to
+    browser.find_element(By.ID, "camera-button").click()
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.getElementById('video').videoWidth > 0"))
+    browser.find_element(By.ID, "snap").click()
+    WebDriverWait(browser, 60).until(lambda d: "No face found" in result.text)
+    assert "no face with score >=" in result.text and canvas.is_displayed()
 
 
 def test_redeploy_with_another_checkpoint_drops_no_request(service, serve_checkpoint, tmp_path):
@@ -391,7 +405,7 @@ def test_a_client_generated_from_the_schema_reads_an_estimate(service, tmp_path,
 
     generator = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))
     if generator is None:
-        pytest.skip("openapi-python-client is not installed (pip install -e '.[dev]')")
+        missing("openapi-python-client is not installed: pip install -e '.[dev]'")
     (tmp_path / "openapi.json").write_bytes(requests.get(f"{service}/openapi.json", timeout=30).content)
     # raw image bodies (image/*) are plain binary to the generator
     (tmp_path / "config.yaml").write_text("content_type_overrides:\n  image/*: application/octet-stream\n")
