@@ -20,6 +20,7 @@ import pandas as pd
 
 from agecore import metrics, plots, storage
 from agecore.checkpoint import CALIBRATION, attach_calibration, read_calibration
+from agecore.faces import NO_FACE
 from agecore.images import load_image
 from agecore.metrics import AGE_BAND_LABELS
 
@@ -195,7 +196,7 @@ def face_summary(table: pd.DataFrame, out: Path, listed: int = 50) -> dict[str, 
 
     ``table`` has one row per photo with ``faces_found``: the most confident face is the one scored.
     """
-    no_face = table[table["error"].fillna("").str.startswith("no_face:")]
+    no_face = table[table["error"].fillna("").str.startswith(f"{NO_FACE}:")]
     no_face[["path", "age", "error"]].to_csv(out / NO_FACE_CSV, index=False)
     return {
         "rule": "one face per photo: the most confident detection, aligned like the training crops",

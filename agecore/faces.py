@@ -43,6 +43,9 @@ INSTALL_HINT = (
     "its other needs, torchvision, numpy, pillow and requests, are installed already)"
 )
 
+# The reason of the error of a photo in which no face was found, in score rows and HTTP refusals.
+NO_FACE = "no_face"
+
 # MTCNN's five landmarks, in its order; left and right as seen in the image.
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 

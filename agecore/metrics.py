@@ -22,6 +22,7 @@ import pandas as pd
 AGE_BANDS = (0, 3, 10, 18, 25, 35, 45, 55, 65)
 AGE_BAND_LABELS = ("0-2", "3-9", "10-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 CS_THRESHOLDS = (1, 3, 5, 10)
+CS_HEADLINE = 5  # CS@5, the share within 5 years, is the one tracked per epoch (``val_cs5``)
 # the age thresholds that age-assurance evaluations report (NIST FATE AEV; COPPA 13, 16, 18, 21, Challenge 25)
 VERIFY_THRESHOLDS = (13, 16, 18, 21, 25)
 # minors this many years under a threshold are the ones an estimator most often lets through

@@ -15,6 +15,7 @@ fast path for face crops alone: one age (a ``float``) for one image, an array fo
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -27,9 +28,19 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from agecore.checkpoint import load_checkpoint, preprocessing
+from agecore import __version__
+from agecore.checkpoint import load_checkpoint, preprocessing, weights_digest
 from agecore.config import PRECISIONS, DetectFaces, FaceDetection
-from agecore.faces import CROP_PAD, UTKFACE_TEMPLATE, Face, FaceDetector, align, is_face_crop, largest
+from agecore.faces import (
+    CROP_PAD,
+    NO_FACE,
+    UTKFACE_TEMPLATE,
+    Face,
+    FaceDetector,
+    align,
+    is_face_crop,
+    largest,
+)
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.model import freeze_graph, native_bf16
 
@@ -127,19 +138,18 @@ class Predictor:
                  ", ".join(f"{n}: {t * 1000:.1f}" for n, t in seconds_per_image.items()))
         return best
 
-    @property
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
-        """What a client needs to know about the model that answered."""
-        metrics = self.meta.get("metrics", {})
+        """What a client needs to know about the model that answered: no path, a digest of its weights instead."""
         return {
-            "checkpoint": self.checkpoint,
             "backbone": self.meta["model"]["backbone"],
+            "weights": weights_digest(self.checkpoint),
             "epoch": self.meta.get("epoch"),
-            "val_mae": metrics.get("val_mae"),
+            "val_mae": self.meta.get("metrics", {}).get("val_mae"),
             "input_size": self.prep.input_size,
             "tta_flip": self.tta_flip,
             "precision": self.precision,
-            "batch_size": self.batch_size,
+            "version": __version__,
         }
 
     # -- preprocessing: the shared path in agecore.images -----------------------------------------
@@ -318,7 +328,7 @@ class BatchPredictor:
                 rows.append((i, None, None, np.nan, f"{e.reason}: {e.detail}"))
                 continue
             if not faces:
-                rows.append((i, None, None, np.nan, f"no_face: {self.predictor.no_face_message(photo)}"))
+                rows.append((i, None, None, np.nan, f"{NO_FACE}: {self.predictor.no_face_message(photo)}"))
                 continue
             crops.append(arrays)
             rows.extend((i, k, list(face.box), face.score, "") for k, face in enumerate(faces))

@@ -26,6 +26,7 @@ from torch import nn
 from agecore.augment import augment, degrade, degrade_some
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.images import normalize
+from agecore.metrics import CS_HEADLINE
 from agecore.model import create_model, freeze_graph, split_model
 
 
@@ -216,7 +217,7 @@ class EpochResult:
     mae: float
     abs_err_sum: float
     count: int
-    cs5_count: int  # predictions within 5 years of the true age
+    cs5_count: int  # predictions within CS_HEADLINE (5) years of the true age
     seconds: float
 
 
@@ -251,7 +252,7 @@ def train_epoch(
         optimizer.step()
         schedule.step()
         err = (pred.detach() - y).abs()
-        sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
+        sums += torch.stack([err.sum(), (err <= CS_HEADLINE).sum()]).double()
         count += len(y)
         if on_progress is not None and step % progress_every == 0:
             on_progress(step, sums[0].item() / count)
@@ -272,7 +273,7 @@ def evaluate_epoch(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = torch.stack([module(x).float() for x in inputs(batch)]).mean(0)
         err = (pred - y).abs()
-        sums += torch.stack([err.sum(), (err <= 5).sum()]).double()
+        sums += torch.stack([err.sum(), (err <= CS_HEADLINE).sum()]).double()
         count += len(y)
     abs_sum, cs5_count = sums.tolist()
     return EpochResult(abs_sum / max(count, 1), abs_sum, count, int(cs5_count), time.perf_counter() - start)

@@ -3,7 +3,7 @@
     age quickstart ../shared/data/faces runs/faces
     age quickstart ../shared/data/faces runs/faces --backbone resnet50 --pretrained-file resnet50.safetensors
 
-prepare -> train (the CPU recipe: partial mode, 5 epochs) -> evaluate on the held-out test split
+prepare -> train (the CPU recipe, which `--help` shows) -> evaluate on the held-out test split
 -> score the test images -> a summary of where everything is and how to serve the model.
 
 The weights are settled before any work starts. With no ``--backbone`` and no ``--pretrained-file``
@@ -38,6 +38,11 @@ PRODUCT_BACKBONE = "resnet50"
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 # the partial-mode recipe measured on 2 CPU cores (docs/benchmarks.md)
 CPU_RECIPE = {"mode": "partial", "epochs": 5, "lr": 1e-3, "warmup_epochs": 0.5, "patience": 3}
+
+
+def _recipe_text() -> str:
+    """The recipe as the options of `age train`: ``--mode partial --epochs 5 ...``."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_RECIPE.items())
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ def _split_paths(prepared: str, split: str, out: Path) -> Path:
 
 
 def quickstart(data: str, out: str, *, backbone: str | None = None, pretrained_file: str | None = None,
-               mode: str = "partial", epochs: int = CPU_RECIPE["epochs"], address: str | None = None) -> dict[str, Any]:
+               mode: str = CPU_RECIPE["mode"], epochs: int = CPU_RECIPE["epochs"], address: str | None = None) -> dict[str, Any]:
     """Prepare, train, evaluate and score under ``out``; returns the run's summary (also OUT/summary.json)."""
     from ray_jobs.evaluate import evaluate
     from ray_jobs.prepare import prepare
@@ -118,7 +123,7 @@ def quickstart(data: str, out: str, *, backbone: str | None = None, pretrained_f
     _say(f"    {summary['accepted']:,} images ({', '.join(f'{s} {n:,}' for s, n in counts.items())}), "
          f"{summary['rejected']:,} rejected (listed in {prepared}/rejects.csv)")
 
-    recipe = {**CPU_RECIPE, "epochs": epochs} if mode == "partial" else {"mode": mode, "epochs": epochs}
+    recipe = {**CPU_RECIPE, "epochs": epochs} if mode == CPU_RECIPE["mode"] else {"mode": mode, "epochs": epochs}
     _say(f"2/4 train: {weights.backbone}, {mode} mode, up to {epochs} epochs")
     best = train(prepared, run, weights.model_config(), TrainConfig(**recipe))
 
@@ -161,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None,
                    help=f"timm model name (default {PRODUCT_BACKBONE}, or {OFFLINE_BACKBONE} where the hub is unreachable)")
     p.add_argument("--pretrained-file", default=None, help="local ImageNet weights (.safetensors/.pth) for the backbone")
-    p.add_argument("--mode", default="partial", choices=MODES, help="training mode (partial: the CPU recipe)")
-    p.add_argument("--epochs", type=int, default=CPU_RECIPE["epochs"], help="most epochs to train")
+    p.add_argument("--mode", default=CPU_RECIPE["mode"], choices=MODES,
+                   help=f"training mode (default: %(default)s, the CPU recipe: {_recipe_text()})")
+    p.add_argument("--epochs", type=int, default=CPU_RECIPE["epochs"], help="most epochs to train (default: %(default)s)")
     add_address_argument(p)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs on the terminal as well")
     return p

@@ -6,8 +6,8 @@
 #
 # Knobs (environment): BACKBONE (a timm model; default resnet50 from timm's hub, or
 # tf_efficientnet_lite0 with the weights installed with the project where the hub is unreachable),
-# PRETRAINED_FILE (local ImageNet weights for BACKBONE), MODE (partial|frozen|finetune, default
-# partial), EPOCHS (default 5), VERBOSE=1 (Ray's own logs on the terminal too).
+# PRETRAINED_FILE (local ImageNet weights for BACKBONE), MODE (partial|frozen|finetune) and EPOCHS
+# (default: the CPU recipe of `age quickstart --help`), VERBOSE=1 (Ray's own logs on the terminal too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: scripts/run.sh DATA OUT}
@@ -18,7 +18,9 @@ if [ "$(cat .venv/.agecore-setup 2>/dev/null)" != "$WANT" ]; then
     echo "setting up .venv (once; a few minutes)" >&2
     bash scripts/setup.sh
 fi
-ARGS=(--mode "${MODE:-partial}" --epochs "${EPOCHS:-5}")
+ARGS=()
+[ -n "${MODE:-}" ] && ARGS+=(--mode "$MODE")
+[ -n "${EPOCHS:-}" ] && ARGS+=(--epochs "$EPOCHS")
 [ -n "${BACKBONE:-}" ] && ARGS+=(--backbone "$BACKBONE")
 [ -n "${PRETRAINED_FILE:-}" ] && ARGS+=(--pretrained-file "$PRETRAINED_FILE")
 [ "${VERBOSE:-0}" = 1 ] && ARGS+=(--verbose)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from agecore.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from agecore.checkpoint import load_checkpoint, read_meta, save_checkpoint, weights_digest
 from agecore.config import ModelConfig, Preprocessing
 from agecore.model import create_backbone, create_model, default_cut_stage, split_model, trainable_module
 from tests.conftest import tiny_checkpoint
@@ -112,7 +112,7 @@ def test_predictor_chunk_is_timed_on_cpu_and_does_not_change_predictions(tmp_pat
     ckpt = tiny_checkpoint(tmp_path / "ck")
     images = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
     timed = Predictor(ckpt, "cpu", precision="fp32")
-    assert timed.batch_size in CPU_CHUNK_CANDIDATES and timed.identity["batch_size"] == timed.batch_size
+    assert timed.batch_size in CPU_CHUNK_CANDIDATES and timed.identity["weights"] == weights_digest(ckpt)
     one_by_one = Predictor(ckpt, "cpu", batch_size=1, precision="fp32")
     np.testing.assert_allclose(timed.predict_arrays(images), one_by_one.predict_arrays(images), atol=1e-4)
     with pytest.raises(ValueError, match="batch_size"):
@@ -147,7 +147,7 @@ def test_predictor_runs_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, na
     # the head runs in fp32 in both: ages are not rounded to bf16's 8 significant bits
     assert not np.array_equal(bf16, torch.from_numpy(bf16).bfloat16().float().numpy())
     np.testing.assert_array_equal(default.predict_arrays(images), bf16 if native else fp32)
-    with pytest.raises(ValueError, match="fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be one of"):
         Predictor(ckpt, "cpu", precision="fp16")
 
 

@@ -103,3 +103,20 @@ def test_the_age_command_prints_the_error_in_a_line_and_exits_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"age serve: error: {tmp_path} is not an agecore checkpoint" in r.stderr
+
+
+def test_a_replica_imports_no_plotting_library(tmp_path):
+    """What a replica loads (the deployment's module, a predictor on a checkpoint) leaves matplotlib out."""
+    import subprocess
+    import sys
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    code = ("import sys; from ray_jobs.serve.app import AgeService; from agecore.predictor import Predictor; "
+            f"Predictor({str(ckpt)!r}, 'cpu', batch_size=1).predict_faces; "
+            "from agecore.checkpoint import read_calibration; read_calibration(" + repr(str(ckpt)) + "); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'agecore')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout
+    assert "matplotlib" not in loaded and "agecore.plots" not in loaded and "agecore.evaluate" not in loaded, loaded
+    assert "agecore.predictor" in loaded  # the probe did load what a replica loads

@@ -19,11 +19,11 @@ from fastapi import HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
 
-from agecore import __version__, storage
-from agecore.checkpoint import read_calibration, read_meta, weights_digest
+from agecore import storage
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.config import DETECT_FACES, ServeConfig
 from agecore.errors import InvalidInput
-from agecore.faces import Face, largest
+from agecore.faces import NO_FACE, Face, largest
 from agecore.images import ImageError
 from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.predictor import Predictor
@@ -74,11 +74,7 @@ class AgeService:
         self.margin = fallback_margin(self.predictor.meta.get("metrics", {}).get("val_mae"))
         self.metrics = service_metrics()
         self.forward = SharedForward(self.predictor, on_batch=self.metrics.batch_size.observe)
-        meta, p = self.predictor.meta, self.predictor
-        self.identity = ModelIdentity(
-            backbone=meta["model"]["backbone"], weights=weights_digest(config.checkpoint), epoch=meta.get("epoch"),
-            val_mae=meta.get("metrics", {}).get("val_mae"), input_size=p.prep.input_size, tta_flip=p.tta_flip,
-            precision=p.precision, version=__version__)
+        self.identity = ModelIdentity(**self.predictor.identity)
 
     def _range(self, age: float) -> tuple[float, float]:
         low, high = likely_range(np.array([age]), self.calibration, self.margin)
@@ -157,7 +153,7 @@ class AgeService:
                 return BatchItem(name=name, age=round(age, 2), likely_range=self._range(age), seconds=_since(start))
             faces, ages = await self._face_ages(data, name, "/v1/age/batch", detect_faces)
             if not faces:
-                raise error("no_face", f"{name}: {self._no_face(faces)}")
+                raise error(NO_FACE, f"{name}: {self._no_face(faces)}")
             i = _largest(faces)
             return BatchItem(name=name, age=round(ages[i], 2), likely_range=self._range(ages[i]), box=faces[i].box,
                              face_score=faces[i].score, aligned=faces[i].aligned, seconds=_since(start))

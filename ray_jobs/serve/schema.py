@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agecore.faces import INSTALL_HINT
+from agecore.faces import INSTALL_HINT, NO_FACE
 from agecore.images import MAX_PIXELS, MIN_SIDE
 from agecore.metrics import CHALLENGE_SHARE, NEAR_THRESHOLD_YEARS, NOMINAL_COVERAGE
 
@@ -33,7 +33,7 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "not_found": (404, "a path the service does not have"),
     "method_not_allowed": (405, "a method the route does not take"),
     "face_detection_unavailable": (501, f"detect_faces auto or true where the face detector is not installed ({INSTALL_HINT})"),
-    "no_face": (422, "a photo with no face, on /v1/age/batch (on that file's line only)"),
+    NO_FACE: (422, "a photo with no face, on /v1/age/batch (on that file's line only)"),
     "bad_request": (400, "any other request the framework refuses"),
     "internal_error": (500, "a bug: the request id names it in the replica's log"),
 }
