@@ -26,6 +26,10 @@ class MissingInput(UserError, FileNotFoundError):
     """A file, folder, checkpoint or URI that is not there."""
 
 
+class MissingDependency(UserError, ImportError):
+    """A package that a feature needs and that is not installed; the message says how to install it."""
+
+
 class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights that neither the hub nor a local file can provide; ``reason`` says why in a phrase."""
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from agecore import storage
 from agecore.config import FaceDetection
-from agecore.errors import MissingInput
+from agecore.errors import MissingDependency, MissingInput
 from agecore.images import open_image
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ _WARP_RESAMPLE = {
 
 
 def require_mtcnn() -> type:
-    """facenet-pytorch's ``MTCNN`` class, or an ``ImportError`` that says how to install it."""
+    """facenet-pytorch's ``MTCNN`` class, or a ``MissingDependency`` (an ``ImportError``) that says how to install it."""
     try:
         from facenet_pytorch import MTCNN
     except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+        raise MissingDependency(INSTALL_HINT) from e
     return MTCNN
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from agecore.checkpoint import read_calibration
 from agecore.config import DETECT_FACES, PRECISION_HELP, PRECISIONS
 from agecore.errors import InvalidInput
+from agecore.faces import require_mtcnn
 from agecore.images import ImageError
 from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.predictor import Predictor
@@ -92,6 +93,8 @@ def predict(photos: list[str], checkpoint: str, min_age: float | None = None, de
     """Print the faces of each photo; returns how many photos could not be read."""
     if min_age is not None and not 1 <= min_age <= 100:
         raise InvalidInput(f"--min-age must be in [1, 100], got {min_age:g}")
+    if detect_faces != "false":
+        require_mtcnn()  # a missing detector is said before the model loads
     answerer = Answerer(Predictor(checkpoint, threads=threads, precision=precision))
     if draw:
         Path(draw).mkdir(parents=True, exist_ok=True)

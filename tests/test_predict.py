@@ -81,3 +81,21 @@ def test_age_predict_starts_no_ray(checkpoint, photos):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{photos / 'crop.png'}  face 1/1  box 0,0,200,200  age ")
+
+
+def test_a_missing_detector_is_one_line_and_exit_2_before_the_model_loads(checkpoint, photos, tmp_path):
+    import os
+
+    fake = tmp_path / "site" / "facenet_pytorch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("No module named facenet_pytorch")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "predict", "--checkpoint", str(tmp_path / "nowhere"),
+                           str(photos / "two.jpg")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        done.stderr.strip()] and 'age predict: error: face detection needs facenet-pytorch' in done.stderr
+    crop = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "predict", "--checkpoint", str(checkpoint),
+                           "--detect-faces", "false", str(photos / "crop.png")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert crop.returncode == 0 and "(as a face crop)" in crop.stdout, crop.stderr  # crops need no detector
