@@ -224,8 +224,12 @@ def tune(
     tuner = _tuner(setup, search, trials_dir, experiment, resume)
     with storage.output_dir(out) as out_path:  # trials.csv, tune.png, best/: staged, then uploaded to a URI
         table = summarize(tuner.fit(), out_path, trials_dir)
-    if table["best_val_mae"].isna().all():
-        raise RuntimeError(f"every trial failed; see {storage.join(out, 'trials.csv')}: {table['error'].iloc[0]}")
+        if table["best_val_mae"].isna().all():
+            raise RuntimeError(f"every trial failed; see {storage.join(out, 'trials.csv')}: {table['error'].iloc[0]}")
+        from ray_jobs.evaluate import evaluate
+
+        # best/ is served as it is: it carries the calibration of /v1/verify, as a training run's does
+        evaluate(str(out_path / "best"), prepared, str(out_path / "val-eval"), split="val", attach=True)
     best = table.iloc[0]
     log.info("%d trials (%d failed); best validation MAE %.3f with %s; checkpoint in %s",
              len(table), int((table["status"] == "ERROR").sum()), best["best_val_mae"],

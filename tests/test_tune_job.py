@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import ray
 
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.predictor import Predictor
 from ray_jobs.tune import SEARCH_NAME, main
 
@@ -35,6 +35,9 @@ def test_search_records_every_trial_and_promotes_the_best(prepared_small, tmp_pa
     assert (tmp_path / "tune.png").stat().st_size > 10_000
     assert (tmp_path / "search-state" / SEARCH_NAME).is_dir() and not (tmp_path / SEARCH_NAME).exists()
     assert Predictor(tmp_path / "best").predict_arrays(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1,)
+    calibration = read_calibration(tmp_path / "best")  # served as it is, with the margins of /v1/verify
+    assert calibration["split"] == "val" and calibration["overall"]["count"] == pd.read_parquet(
+        prepared_small / "data" / "split=val").shape[0]
     # Tune stops each trial at its last report; Ray Train must still release the trial's CPUs, or the
     # next trial of a longer search would wait for them forever
     deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@
 # Serve's class-based ingress does not resolve string annotations such as "Request".
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -50,6 +51,7 @@ from ray_jobs.serve.schema import (
     image_body,
 )
 
+log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html").read_text()
 DetectQuery = Query("auto", description=DETECT_HELP, pattern=f"^({'|'.join(DETECT_FACES)})$")
 
@@ -71,6 +73,9 @@ class AgeService:
         self.predictor = Predictor(config.checkpoint, threads=config.threads, precision=config.precision)
         self.max_body = config.max_body_bytes
         self.calibration = read_calibration(config.checkpoint)
+        if self.calibration is None:
+            log.warning("%s has no calibration: likely ranges are the estimate +/- twice its validation MAE and "
+                        "no challenge age applies (age evaluate --attach measures one)", config.checkpoint)
         self.margin = fallback_margin(self.predictor.meta.get("metrics", {}).get("val_mae"))
         self.metrics = service_metrics()
         self.forward = SharedForward(self.predictor, on_batch=self.metrics.batch_size.observe)
