@@ -23,6 +23,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agecore import storage
 
+try:  # phones' HEIC/HEIF photos: the `heic` extra (pillow-heif) teaches PIL to open them
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF = False
+else:
+    register_heif_opener()
+    HEIF = True
+
 if TYPE_CHECKING:
     import torch
 
@@ -35,7 +43,9 @@ MAX_PIXELS = 40_000_000
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".heic", ".heif")
+# the ISO base media brands of HEIC/HEIF stills, as bytes 8-12 of the file ("ftyp" at 4-8)
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -91,6 +101,9 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SID
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+            raise ImageError("unsupported_format", "a HEIC/HEIF photo, which needs pillow-heif: "
+                                                   'pip install "agecore[heic]" (or pillow-heif)') from e
         raise ImageError("not_an_image", "not a recognised image format") from e
     except Image.DecompressionBombError as e:
         raise ImageError("too_many_pixels", str(e)) from e

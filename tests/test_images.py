@@ -1,9 +1,10 @@
+import importlib.util
 import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from agecore.config import PrepareConfig, Preprocessing
 from agecore.images import (
@@ -17,7 +18,7 @@ from agecore.images import (
     read_bytes,
     resize_square,
 )
-from tests.conftest import jpeg_bytes
+from tests.conftest import jpeg_bytes, missing
 
 
 def test_decode_reasons(tmp_path):
@@ -117,3 +118,28 @@ def test_normalize_matches_mean_std_and_resizes():
     assert x.shape == (2, 3, 32, 32)
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.5, 3.0, 3.5]))
     assert normalize(torch.zeros(1, 64, 64, 3, dtype=torch.uint8), prep).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG", "HEIF"])
+def test_phone_and_web_formats_open_with_the_same_pixels(fmt):
+    """PNG, WebP, JPEG and a phone's HEIC (pillow-heif, the heic extra) decode to the photo's own size."""
+    if fmt == "HEIF" and importlib.util.find_spec("pillow_heif") is None:
+        missing('pillow-heif is not installed: pip install "agecore[heic]" (scripts/setup.sh does)')
+    gradient = np.broadcast_to(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (64, 96, 3)).copy()
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {"quality": 95}))
+    decoded = np.asarray(decode(buf.getvalue()))
+    assert decoded.shape == (64, 96, 3)
+    assert np.abs(decoded.astype(int) - gradient).mean() < (0.5 if fmt in ("PNG", "WEBP") else 4.0)
+
+
+def test_a_heic_photo_without_pillow_heif_is_refused_by_name(monkeypatch):
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    with pytest.raises(ImageError) as e:
+        decode(heic)
+    # with pillow-heif the broken stream is undecodable; without it, PIL does not know the format at all
+    assert e.value.reason in ("undecodable", "unsupported_format")
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(UnidentifiedImageError("unknown")))
+    with pytest.raises(ImageError, match="HEIC/HEIF photo, which needs pillow-heif") as e:
+        decode(heic)
+    assert e.value.reason == "unsupported_format"

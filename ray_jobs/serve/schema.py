@@ -21,6 +21,7 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "empty_file": (422, "an image of zero bytes"),
     "not_an_image": (422, "bytes that are no image format the service reads"),
     "truncated": (422, "an image file cut short"),
+    "unsupported_format": (415, "a HEIC/HEIF photo where pillow-heif (the heic extra) is not installed"),
     "undecodable": (422, "an image the decoder fails on"),
     "too_small": (422, f"an image with a side under {MIN_SIDE} px"),
     "too_many_pixels": (413, f"an image (or decompression bomb) over {MAX_PIXELS / 1e6:g} megapixels"),
