@@ -45,6 +45,7 @@ def age_commands(path: Path) -> list[str]:
     found = []
     for line in code_lines(path.read_text()):
         line = line.removeprefix("$ ")
+        line = re.sub(r"^.*?\bpython3? -m ray_jobs\.(\w+)", r"age \1", line)  # ray job submit ... -- python -m
         for part in re.split(r"&&|;|\|", line):
             part = part.strip()
             part = part.removeprefix(".venv/bin/")
