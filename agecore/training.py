@@ -87,24 +87,27 @@ class Schedule:
 class EarlyStopping:
     """Stop after ``patience`` epochs without an improvement of at least ``min_delta``.
 
+    The rule of Keras and Lightning: ``best`` moves only on an epoch that counts as an improvement,
+    so a run falling by just under ``min_delta`` an epoch still improves on the epoch before last.
+
     >>> es = EarlyStopping(patience=2, min_delta=0.1)
-    >>> [es.update(v) for v in (5.0, 4.95, 4.8, 4.9, 4.85)], es.should_stop
-    ([True, False, True, False, False], True)
+    >>> [es.update(v) for v in (5.0, 4.95, 4.88, 4.85, 4.83)], es.best, es.should_stop
+    ([True, False, True, False, False], 4.88, True)
     """
 
     patience: int
     min_delta: float
-    best: float = math.inf
+    best: float = math.inf  # the value an epoch must beat by min_delta: the last counted improvement
     best_epoch: int = -1
     bad_epochs: int = 0
     epoch: int = -1
 
     def update(self, value: float) -> bool:
+        """Count one epoch's value; True when it improves on ``best`` by at least ``min_delta``."""
         self.epoch += 1
         if value < self.best - self.min_delta:
             self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
             return True
-        self.best = min(self.best, value)
         self.bad_epochs += 1
         return False
 

@@ -34,7 +34,7 @@ from agecore.datasets import list_images
 from agecore.images import load_image, open_image
 from agecore.predictor import Predictor
 from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
-from ray_jobs.score import DEFAULT_BATCH_SIZE, path_blocks, score
+from ray_jobs.score import DEFAULT_BATCH_SIZE, SCHEMA, path_blocks, score, write_parts
 
 
 def _timed_forward(checkpoint: str, arrays_file: str, threads: int, precision: str | None, barrier, results) -> None:
@@ -85,16 +85,18 @@ class _IdleActor:
         import torch  # noqa: F401
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"path": batch["path"], "predicted_age": np.zeros(len(batch["path"]), np.float32)}
+        n = len(batch["path"])
+        return {"path": batch["path"], "predicted_age": np.zeros(n, np.float32), "error": np.full(n, "", object)}
 
 
-def fixed_cost(paths: list[str], concurrency: int | None) -> float:
-    """Seconds of the scoring job's Ray Data plan over ``paths`` with idle actors."""
+def fixed_cost(paths: list[str], concurrency: int | None, out: Path) -> float:
+    """Seconds of the scoring job's Ray Data plan over ``paths`` with idle actors, parts written to ``out``."""
     options, _ = model_actor_options(False, concurrency, cpus_per_actor=1)
     start = time.perf_counter()
-    ds, rows = path_blocks(paths, DEFAULT_BATCH_SIZE, options["compute"].min_size)
-    for _ in ds.map_batches(_IdleActor, batch_size=rows, batch_format="numpy", **options).iter_batches(batch_size=5000):
-        pass
+    actors = options["compute"].min_size
+    ds, rows = path_blocks(paths, DEFAULT_BATCH_SIZE, actors)
+    idle = ds.map_batches(_IdleActor, batch_size=rows, batch_format="numpy", **options)
+    write_parts(idle, str(out), SCHEMA, rows_per_part=5000, writers=actors)
     return time.perf_counter() - start
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency,
                     precision=args.precision)
     job = len(paths) / (time.perf_counter() - start)
-    idle = fixed_cost(paths, args.concurrency)
+    idle = fixed_cost(paths, args.concurrency, work / "idle")
 
     predictor = Predictor(args.checkpoint, precision=args.precision)
     size, interp = predictor.prep.input_size, predictor.prep.interpolation

@@ -122,9 +122,9 @@ def model_actor_options(gpu: bool = False, actors: int | None = None, cpus_per_a
 
     On CPUs each actor asks Ray for one CPU but runs ``cpus_per_actor`` threads, so that on a small
     machine CPUs are left for Ray Data's read and write tasks (a pool that takes every CPU starves
-    them and the pipeline stalls). A pipeline without such tasks (scoring: paths in, rows back to the
-    driver) takes one single-thread actor per CPU (``cpus_per_actor=1``), the faster layout on CPUs
-    (docs/benchmarks.md, ``benchmarks/score.py``). On GPUs, one actor per GPU.
+    them and the pipeline stalls). A pipeline without such tasks (scoring: paths in, and write tasks
+    that ask for no CPU) takes one single-thread actor per CPU (``cpus_per_actor=1``), the faster
+    layout on CPUs (docs/benchmarks.md, ``benchmarks/score.py``). On GPUs, one actor per GPU.
     """
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1), int(resources.get("GPU", 0))

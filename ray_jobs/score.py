@@ -13,9 +13,19 @@ The inputs should be face crops like the training images. For uncropped photos,
 landmarks like the training crops (``agecore.faces``) and writes one row per face instead, adding ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels) and
 ``face_score``; a photo without a face gets one row with error ``no_face: ...``.
 
-Resumable: parts are written atomically as results stream in; a rerun over the same input and
-output scores only the paths no part holds yet, so no row is lost or written twice. With
-``--detect-faces`` all the rows of a photo go into the same part, so a path in a part is complete.
+The predictor's rows never pass through the driver: Ray Data's ``write_parquet`` writes the parts
+from the workers, so ``--out`` must be reachable from every node (a URI or a shared folder). The
+driver reads back only the columns the summary counts (``error``; with faces ``path`` and ``face`` too),
+one part at a time.
+
+Resumable: a rerun over the same input and output scores only the paths no part holds yet, so no
+row is lost or written twice. A part that an interrupted run left half-written is unreadable (a
+Parquet file ends with its footer): the rerun deletes it and scores its paths again. All the rows
+of a photo go into the same part (a predictor call emits them in one block, and a write task writes
+its blocks into one file), so a path in a part is complete.
+
+A path is one image and one key of the output: a manifest that names the same path twice is
+refused, naming the path, before any work.
 """
 
 from __future__ import annotations
@@ -23,20 +33,22 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
+from ray.data.datasource import FilenameProvider
 
 from agecore import storage
 from agecore.checkpoint import read_meta
 from agecore.datasets import list_images
+from agecore.errors import InvalidInput
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
 from ray_jobs.common import (
@@ -57,6 +69,13 @@ DEFAULT_BATCH_SIZE = 64  # paths per predictor call
 MIN_BLOCKS_PER_ACTOR = 8
 
 
+class PartNames(FilenameProvider):
+    """``part-{write_uuid}-{task}``: the prefix a rerun looks for; Ray Data appends ``-{i}.parquet``."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06}.parquet"
+
+
 def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
     fs, root = storage.filesystem(out)
     if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
@@ -65,53 +84,47 @@ def _parts(out: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
                 if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")]
 
 
-def done_paths(out: str, schema: pa.Schema | None = None) -> set[str]:
-    """Paths already scored by previous runs into ``out`` (read from the part files' path column).
+def _read_part(fs: pyarrow.fs.FileSystem, part: str, columns: list[str], schema: pa.Schema | None) -> pa.Table | None:
+    """``columns`` of a part; None where the part is unreadable: its writer was killed before the footer."""
+    try:
+        names = pq.read_schema(part, filesystem=fs).names
+        table = pq.read_table(part, columns=columns, filesystem=fs)
+    except pa.ArrowInvalid:
+        return None
+    if schema is not None and names != schema.names:
+        raise ValueError(f"{part} has other columns than this run writes: it was written "
+                         f"{'without' if 'face' in schema.names else 'with'} --detect-faces: use another --out")
+    return table
+
+
+def read_parts(fs: pyarrow.fs.FileSystem, parts: list[str], columns: list[str],
+               schema: pa.Schema | None = None) -> Iterator[pa.Table]:
+    """``columns`` of each readable part in turn; the unreadable ones are deleted, so their paths count as not done.
 
     With ``schema``, a part written with other columns (with and without ``--detect-faces``) is
     refused: the two kinds of rows do not mix in one data set.
     """
-    fs, parts = _parts(out)
-    done: set[str] = set()
     for part in parts:
-        if schema is not None and pq.read_schema(part, filesystem=fs).names != schema.names:
-            raise ValueError(f"{out} holds parts with other columns ({part}); it was written "
-                             f"{'without' if 'face' in schema.names else 'with'} --detect-faces: use another --out")
-        done.update(pq.read_table(part, columns=["path"], filesystem=fs).column("path").to_pylist())
-    return done
+        table = _read_part(fs, part, columns, schema)
+        if table is None:
+            log.warning("deleting %s: a part whose writer was killed; its paths are scored again", part)
+            fs.delete_file(part)
+        else:
+            yield table
 
 
-def _write_part(fs: pyarrow.fs.FileSystem, root: str, rows: pd.DataFrame, index: int, schema: pa.Schema) -> None:
-    """Write-then-rename, so an interrupted run never leaves half a part behind."""
-    name = f"part-{int(time.time())}-{index:05d}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = f"{root}/.tmp-{name}"
-    table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
-    # The schema above defines a part. The pandas dtypes Ray's blocks happened to have (e.g.
-    # 'list<item: double>[pyarrow]' for boxes) are left out: pandas cannot read that name back.
-    pq.write_table(table.replace_schema_metadata(None), tmp, filesystem=fs)
-    fs.move(tmp, f"{root}/{name}")
+def done_paths(out: str, schema: pa.Schema | None = None) -> set[str]:
+    """Paths already scored by previous runs into ``out`` (read from the part files' path column)."""
+    fs, parts = _parts(out)
+    return {p for table in read_parts(fs, parts, ["path"], schema) for p in table.column("path").to_pylist()}
 
 
-def _whole_photos(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """Re-cut a stream of face rows so that no photo's rows are split between two batches.
-
-    A part must hold all the rows of each path in it, or a rerun would take a half-written
-    photo for done. A photo's rows are adjacent (one predictor call emits them together), so
-    holding back the last photo of each batch until the next one arrives is enough.
-    """
-    carry = None
-    for batch in batches:
-        if carry is not None:
-            batch = pd.concat([carry, batch], ignore_index=True)
-        paths = batch["path"].to_numpy()
-        cut = len(paths)
-        while cut and paths[cut - 1] == paths[-1]:
-            cut -= 1
-        carry = batch.iloc[cut:]
-        if cut:
-            yield batch.iloc[:cut]
-    if carry is not None and len(carry):
-        yield carry
+def refuse_duplicates(paths: list[str], input: str) -> None:
+    """A path is the key of its rows and of resuming: an input naming one twice is refused by name."""
+    twice = [p for p, n in Counter(paths).items() if n > 1]
+    if twice:
+        raise InvalidInput(f"{input} names {len(twice)} path(s) more than once ({', '.join(twice[:3])}"
+                           f"{', ...' if len(twice) > 3 else ''}): list each image once")
 
 
 def block_rows(images: int, batch_size: int, actors: int) -> int:
@@ -140,14 +153,15 @@ def path_blocks(paths: list[str], batch_size: int, actors: int) -> tuple[ray.dat
     return ray.data.from_pandas([pd.DataFrame({"path": b}) for b in blocks]), rows
 
 
-def _open_output(out: str, schema: pa.Schema) -> tuple[pyarrow.fs.FileSystem, str, set[str]]:
-    """The output folder, created, less the parts an interrupted run did not finish; and the paths already done."""
+def _open_output(out: str, schema: pa.Schema) -> tuple[set[str], set[str]]:
+    """The output folder, created, less what an interrupted run left unfinished; its parts, and the paths done."""
     fs, root = storage.filesystem(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        if stale.base_name.startswith(".tmp-"):  # a part an interrupted run did not finish writing
+        if stale.base_name.startswith(".tmp-"):  # left by the driver-side writer of earlier versions
             fs.delete_file(stale.path)
-    return fs, root, done_paths(out, schema)
+    done = done_paths(out, schema)
+    return set(_parts(out)[1]), done
 
 
 def _predictions(
@@ -155,7 +169,7 @@ def _predictions(
     precision: str | None,
 ) -> tuple[ray.data.Dataset, int, int]:
     """The scored rows of ``todo`` (lazy), and the predictor actors and threads that compute them."""
-    # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
+    # one single-thread predictor actor per CPU: the write tasks (write_parts) ask for no CPU
     options, threads = model_actor_options(gpu, concurrency, cpus_per_actor=1)
     actors = options["compute"].min_size
     ds, rows = path_blocks(todo, batch_size, actors)
@@ -169,14 +183,43 @@ def _predictions(
     return scored, actors, threads
 
 
-def _tally(batch: pd.DataFrame, detect_faces: bool) -> Counter:
+def write_parts(scored: ray.data.Dataset, out: str, schema: pa.Schema, rows_per_part: int, writers: int) -> None:
+    """Write ``scored`` into ``out`` from the workers: ``part-*.parquet`` files of about ``rows_per_part`` rows.
+
+    A write task writes its whole blocks into one file (no ``max_rows_per_file``), which keeps a
+    photo's rows together; a retried task writes the same file name again, so no row is doubled.
+    """
+    fs, root = storage.filesystem(out)
+    scored.write_parquet(
+        root, filesystem=fs, filename_provider=PartNames(), min_rows_per_file=rows_per_part, schema=schema,
+        # the predictor actors hold every CPU: a write task asking for one would wait for the whole job
+        ray_remote_args={"num_cpus": 0}, concurrency=writers,
+    )
+
+
+def _tally(part: pa.Table, detect_faces: bool) -> Counter:
     """Images written and unusable in a part; with ``detect_faces``, faces found and photos without one."""
+    failed = pc.not_equal(part.column("error"), "")
     if not detect_faces:
-        return Counter(written=len(batch), failed=int((batch["error"] != "").sum()))
-    # rows are faces here; a photo without a face is not an unusable image
-    is_no_face = batch["error"].str.startswith("no_face:")
-    return Counter(written=batch["path"].nunique(), failed=int(((batch["error"] != "") & ~is_no_face).sum()),
-                   faces=int(batch["face"].notna().sum()), no_face=int(is_no_face.sum()))
+        return Counter(written=part.num_rows, failed=pc.sum(failed).as_py() or 0)
+    # rows are faces here; a photo without a face is not an unusable image, and all its rows are in this part
+    no_face = pc.starts_with(part.column("error"), "no_face:")
+    return Counter(written=pc.count_distinct(part.column("path")).as_py(),
+                   failed=pc.sum(pc.and_(failed, pc.invert(no_face))).as_py() or 0,
+                   faces=part.num_rows - part.column("face").null_count, no_face=pc.sum(no_face).as_py() or 0)
+
+
+def _written(out: str, before: set[str], expected: int, detect_faces: bool) -> Counter:
+    """Tally the parts this run wrote, one at a time by their small columns; they must hold ``expected`` images."""
+    fs, parts = _parts(out)
+    columns = ["path", "face", "error"] if detect_faces else ["error"]
+    counts: Counter = Counter()
+    for part in read_parts(fs, sorted(set(parts) - before), columns):
+        counts.update(_tally(part, detect_faces))
+    if counts["written"] != expected:
+        raise RuntimeError(f"{out}: this run's parts hold {counts['written']} images of the {expected} it scored; "
+                           "rerun the same command to score the missing ones")
+    return counts
 
 
 def _summary(input: str, paths: list[str], todo: list[str], counts: Counter, actors: int, threads: int,
@@ -201,8 +244,9 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
         require_mtcnn()  # and so does a missing face detector
     schema = FACES_SCHEMA if detect_faces else SCHEMA
     paths = list_images(input)
-    fs, root, done = _open_output(out, schema)
-    todo = [p for p in dict.fromkeys(paths) if p not in done]
+    refuse_duplicates(paths, input)
+    before, done = _open_output(out, schema)
+    todo = [p for p in paths if p not in done]
     log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
     start, counts = time.perf_counter(), Counter()
     actors = threads = 0
@@ -210,12 +254,8 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
         init_ray(address)
         scored, actors, threads = _predictions(todo, checkpoint, batch_size, concurrency, gpu, detect_faces,
                                                precision)
-        batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
-        for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
-            _write_part(fs, root, batch, i, schema)
-            counts.update(_tally(batch, detect_faces))
-            log.info("scored %d / %d (%.1f images/s)", counts["written"], len(todo),
-                     counts["written"] / (time.perf_counter() - start))
+        write_parts(scored, out, schema, rows_per_part, writers=actors)
+        counts = _written(out, before, len(todo), detect_faces)
     summary = _summary(input, paths, todo, counts, actors, threads, time.perf_counter() - start, detect_faces)
     log.info("done: %s", summary)
     return summary

@@ -251,7 +251,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = _reduce_metrics(w, epoch, lr, nodes, *_run_epoch(w, epoch, criterion, generator))
         w.history.append(row)
         w.stopper.update(row["val_mae"])
-        metrics = {**row, "best_val_mae": w.stopper.best, "stopped": w.stopper.should_stop}
+        # the lowest so far, which best/ holds; the stopper's best is its last counted improvement
+        best_val_mae = min(r["val_mae"] for r in w.history)
+        metrics = {**row, "best_val_mae": best_val_mae, "stopped": w.stopper.should_stop}
         if w.rank == 0:
             send(w.progress, {"kind": "epoch", "row": metrics})
         _report_checkpoint(w, epoch, metrics)

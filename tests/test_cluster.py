@@ -209,7 +209,7 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     assert killed[0] in {a["pid"] for a in workers}
     assert len(workers) >= 4, "the worker group was not started again"
 
-    # score a collection while the worker node is stopped under it: every row still arrives, once
+    # score a collection while the worker node is stopped under it: every row is still written, once
     photos = tmp_path / "photos"
     photos.mkdir()
     names = subset(faces_root, 2000)["file_name"].tolist()

@@ -18,7 +18,7 @@ from PIL import Image
 from agecore.config import FaceDetection
 from agecore.faces import CROP_PAD, UTKFACE_TEMPLATE, FaceDetector, align
 from agecore.predictor import Predictor
-from ray_jobs.score import _whole_photos, score
+from ray_jobs.score import FACES_SCHEMA, score
 from tests.conftest import free_port, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("facenet")
@@ -126,13 +126,6 @@ def test_a_missing_facenet_says_how_to_install_it(monkeypatch):
         FaceDetection(min_score=0)
 
 
-def test_rows_of_a_photo_are_never_split_between_parts():
-    rows = pd.DataFrame({"path": list("aabbbcd"), "face": range(7)})
-    cut = list(_whole_photos(iter([rows.iloc[:3], rows.iloc[3:4], rows.iloc[4:6], rows.iloc[6:]])))
-    assert [list(b["path"]) for b in cut] == [["a", "a"], ["b", "b", "b"], ["c"], ["d"]]
-    assert pd.concat(cut)["face"].tolist() == list(range(7))
-
-
 # -- through Ray ------------------------------------------------------------------------------------
 
 
@@ -154,6 +147,7 @@ def test_score_with_detect_faces_writes_a_row_per_face_and_resumes(photos, check
     assert plain["error"].startswith("no_face: ") and pd.isna(plain["face"]) and np.isnan(plain["predicted_age"])
     assert text["error"].startswith("not_an_image") and np.isnan(text["predicted_age"])
     for part in out.glob("part-*.parquet"):  # a path in a part is the whole photo
+        assert pq.read_schema(part).equals(FACES_SCHEMA)
         in_part = pq.read_table(part).to_pandas()
         for path, group in in_part.groupby("path"):
             assert len(group) == len(rows[rows["path"] == path])

@@ -5,7 +5,7 @@ import torch
 
 from agecore import metrics
 from agecore.evaluate import calibration
-from agecore.training import EarlyStopping, loss_fn
+from agecore.training import loss_fn
 
 TRUE = np.array([1.0, 5.0, 12.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 90.0])
 PRED = np.array([2.0, 5.0, 15.0, 26.0, 29.0, 40.0, 44.0, 61.0, 80.0, 81.0])
@@ -45,12 +45,6 @@ def test_calibration_quantiles_are_per_predicted_band():
     cal = calibration(TRUE, PRED)
     assert cal["overall"]["count"] == 10
     assert cal["bands"]["65+"]["count"] == 2 and cal["bands"]["65+"]["q0.5"] == pytest.approx(0.5)
-
-
-def test_early_stopping():
-    es = EarlyStopping(patience=2, min_delta=0.5)
-    assert [es.update(v) for v in (10, 9, 8.8, 8.7)] == [True, True, False, False]
-    assert es.should_stop and es.best == 8.7 and es.best_epoch == 1
 
 
 # A hand-made verification table. Likely ranges (estimate e): band 10-17 [e-2, e+3], band 18-24 [e-4, e+2],

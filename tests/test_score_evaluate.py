@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ray_jobs.evaluate import evaluate
-from ray_jobs.score import MIN_BLOCKS_PER_ACTOR, block_rows, score
+from ray_jobs.score import MIN_BLOCKS_PER_ACTOR, SCHEMA, block_rows, score
 from tests.conftest import jpeg_bytes, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,8 @@ def test_score_gives_one_row_per_image_with_errors(checkpoint, mixed_folder, tmp
     summary = score(str(checkpoint), str(folder), str(tmp_path / "scores"), batch_size=16)
     rows = read_scores(tmp_path / "scores")
     images = [p for p in folder.rglob("*") if p.suffix in (".jpg", ".png")]
-    assert len(rows) == len(images) == summary["images"] and rows["path"].is_unique
+    assert len(rows) == len(images) == summary["images"] == summary["scored_now"] and rows["path"].is_unique
+    assert summary["unusable_now"] == len(bad)
     by_name = rows.set_index(rows["path"].str.rsplit("/", n=1).str[1])
     for name, reason in bad.items():
         assert np.isnan(by_name.loc[name, "predicted_age"]) and by_name.loc[name, "error"].startswith(reason)
@@ -75,16 +76,25 @@ def test_score_blocks_are_small_enough_to_keep_every_actor_busy(images, batch_si
 def test_interrupted_score_run_is_completed_without_duplicates(checkpoint, mixed_folder, tmp_path, ray_local):
     folder, _ = mixed_folder
     out = tmp_path / "scores"
-    score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
-    parts = sorted(out.glob("*.parquet"))
-    assert len(parts) >= 3
+    first = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) >= 3 and first["scored_now"] == first["images"] == len(read_scores(out))
+    assert all(pq.read_schema(part).equals(SCHEMA) for part in parts)
     first_rows = read_scores(out)
-    for part in parts[1:]:  # as if the run had died after its first part
+    kept = set(pq.read_table(parts[0], columns=["path"]).column("path").to_pylist())
+    rescored = first_rows[~first_rows["path"].isin(kept)]
+    # as if the run had been killed after its first part, while writing its second: that part's file
+    # has its final name but no footer; an earlier version's writer left a dot-file
+    half = parts[1].read_bytes()[: parts[1].stat().st_size // 2]
+    for part in parts[1:]:
         part.unlink()
+    parts[1].write_bytes(half)
     (out / ".tmp-part-leftover.parquet").write_bytes(b"half a file")
     again = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    assert not parts[1].exists() and not (out / ".tmp-part-leftover.parquet").exists()
     rows = read_scores(out)
-    assert again["skipped_already_scored"] == 10
+    assert again["skipped_already_scored"] == len(kept) and again["scored_now"] == len(rescored)
+    assert again["unusable_now"] == int((rescored["error"] != "").sum())
     assert len(rows) == len(first_rows) and rows["path"].is_unique
     merged = rows.merge(first_rows, on="path", suffixes=("", "_first"))
     assert np.allclose(merged["predicted_age"], merged["predicted_age_first"], equal_nan=True, atol=1e-4)

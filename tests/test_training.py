@@ -10,9 +10,10 @@ from torch import nn
 
 from agecore import augment as aug
 from agecore.augment import augment, degrade, degrade_some
+from agecore.checkpoint import TRAIN_STATE, load_train_state
 from agecore.config import ModelConfig, Preprocessing, TrainConfig
 from agecore.images import normalize
-from agecore.training import FeatureExtractor, Schedule, batch_inputs, make_optimizer
+from agecore.training import EarlyStopping, FeatureExtractor, Schedule, batch_inputs, make_optimizer
 
 IMAGES = torch.randint(0, 256, (16, 48, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 STILL = {"random_crop_scale": (1.0, 1.0), "flip": False, "rotate_degrees": 0.0, "color_jitter": 0.0}
@@ -128,6 +129,48 @@ def test_schedule_warms_up_decays_per_update_and_resumes():
     resumed = fresh()
     resumed.load_state_dict(halfway.state_dict())
     assert resumed.lr == pytest.approx(lrs[25]) and resumed.updates == 25
+
+
+def _decisions(stopper: EarlyStopping, values: list[float]) -> list[bool]:
+    """Each epoch's improvement flag, up to and including the epoch that stops the run."""
+    flags = []
+    for v in values:
+        flags.append(stopper.update(v))
+        if stopper.should_stop:
+            break
+    return flags
+
+
+def test_early_stopping_counts_a_slow_fall_against_the_last_improvement():
+    # 0.019 an epoch misses min_delta 0.02 once, but two epochs' 0.038 counts (Keras, Lightning): never stops
+    falling = [10.0 - 0.019 * i for i in range(20)]
+    es = EarlyStopping(patience=2, min_delta=0.02)
+    assert _decisions(es, falling) == [i % 2 == 0 for i in range(20)]
+    assert not es.should_stop and es.best == falling[18] and es.best_epoch == 18
+
+
+@pytest.mark.parametrize("patience", [1, 2, 4])
+def test_early_stopping_on_a_flat_series_stops_after_patience_epochs(patience):
+    es = EarlyStopping(patience=patience, min_delta=0.02)
+    assert _decisions(es, [5.0] * 10) == [True] + [False] * patience
+    assert es.bad_epochs == patience and es.best == 5.0 and es.best_epoch == 0
+
+
+def test_early_stopping_resumed_from_a_checkpoint_decides_the_same(tmp_path):
+    # a slow fall, a counted drop, then a plateau a little below the last improvement
+    values = [10.0, 9.981, 9.962, 9.5, 9.49, 9.485, 9.49, 9.482, 9.481]
+    reference = EarlyStopping(patience=3, min_delta=0.02)
+    whole = _decisions(reference, values)
+    assert whole == [True, False, True, True, False, False, False]
+    for cut in range(1, len(whole)):
+        first = EarlyStopping(patience=3, min_delta=0.02)
+        head = _decisions(first, values[:cut])
+        # as ray_jobs.train keeps it: inside train_state.pt, read back with a weights_only load
+        torch.save({"early_stopping": first.state_dict()}, tmp_path / TRAIN_STATE)
+        resumed = EarlyStopping(patience=3, min_delta=0.02)
+        resumed.load_state_dict(load_train_state(tmp_path)["early_stopping"])
+        assert head + _decisions(resumed, values[cut:]) == whole
+        assert resumed.state_dict() == reference.state_dict()
 
 
 def test_partial_training_draws_the_degraded_view_at_the_share_asked():
