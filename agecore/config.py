@@ -48,6 +48,17 @@ def _check(condition: bool, message: str) -> None:
         raise InvalidInput(message)
 
 
+def detect_mode(value: bool | str) -> str:
+    """A ``DETECT_FACES`` value, from itself or from a flag (True: "true", False: "false").
+
+    >>> detect_mode(True), detect_mode("auto")
+    ('true', 'auto')
+    """
+    mode = ("true" if value else "false") if isinstance(value, bool) else value
+    _check(mode in DETECT_FACES, f"detect_faces must be one of {DETECT_FACES}, got {value!r}")
+    return mode
+
+
 class _Serializable:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

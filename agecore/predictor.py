@@ -30,7 +30,7 @@ from PIL import Image
 
 from agecore import __version__
 from agecore.checkpoint import load_checkpoint, preprocessing, weights_digest
-from agecore.config import PRECISIONS, DetectFaces, FaceDetection
+from agecore.config import PRECISIONS, DetectFaces, FaceDetection, detect_mode
 from agecore.faces import (
     CROP_PAD,
     NO_FACE,
@@ -291,20 +291,21 @@ class BatchPredictor:
     Input column ``path`` (or ``image``, preprocessed uint8 rows of a prepared set); output adds
     ``predicted_age`` (null where unusable) and ``error``: one row per input row.
 
-    With ``detect_faces`` the input is uncropped photos by ``path`` and the output is one row per
-    face found (as a pandas DataFrame) with ``face`` (its index, left to right), ``box``
-    (x1, y1, x2, y2), ``face_score``, ``predicted_age`` and ``error``. A photo without a face still
-    gets one row (``face`` null, error ``no_face: ...``), and so does an unusable one, so every
-    input path appears in the output; the rows of a photo are always adjacent.
+    With ``detect_faces`` ``"auto"`` or ``"true"`` (``Predictor.face_crops``) the input is photos by
+    ``path`` and the output is one row per face (as a pandas DataFrame) with ``face`` (its index,
+    left to right), ``box`` (x1, y1, x2, y2), ``face_score``, ``aligned`` (False for a face crop
+    taken as it is), ``predicted_age`` and ``error``. A photo without a face still gets one row
+    (``face`` null, error ``no_face: ...``), and so does an unusable one, so every input path
+    appears in the output; the rows of a photo are always adjacent.
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None,
-                 tta_flip: bool | None = None, detect_faces: bool = False, precision: str | None = None) -> None:
+                 tta_flip: bool | None = None, detect_faces: bool | str = False, precision: str | None = None) -> None:
         self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip, precision=precision)
-        self.detect_faces = detect_faces
+        self.detect_faces = detect_mode(detect_faces)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pd.DataFrame:
-        if self.detect_faces:
+        if self.detect_faces != "false":
             return self._faces(batch)
         if "image" in batch:  # rows of a prepared set: already decoded by the same preprocessing
             ages, errors = self.predictor.predict_arrays(batch["image"]), [""] * len(batch["image"])
@@ -318,20 +319,20 @@ class BatchPredictor:
     def _faces(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         if "image" in batch:
             raise ValueError("detect_faces works on photos by path; rows of a prepared set are face crops already")
-        rows: list[tuple[int, int | None, list[float] | None, float, str]] = []
+        rows: list[tuple[int, int | None, list[float] | None, float, bool | None, str]] = []
         crops = []
         for i, path in enumerate(batch["path"]):
             try:
                 photo = self.predictor.photo(str(path))
-                faces, arrays = self.predictor.face_crops(photo, "true")
+                faces, arrays = self.predictor.face_crops(photo, self.detect_faces)
             except ImageError as e:
-                rows.append((i, None, None, np.nan, f"{e.reason}: {e.detail}"))
+                rows.append((i, None, None, np.nan, None, f"{e.reason}: {e.detail}"))
                 continue
             if not faces:
-                rows.append((i, None, None, np.nan, f"{NO_FACE}: {self.predictor.no_face_message(photo)}"))
+                rows.append((i, None, None, np.nan, None, f"{NO_FACE}: {self.predictor.no_face_message(photo)}"))
                 continue
             crops.append(arrays)
-            rows.extend((i, k, list(face.box), face.score, "") for k, face in enumerate(faces))
+            rows.extend((i, k, list(face.box), face.score, face.aligned, "") for k, face in enumerate(faces))
         source = np.array([r[0] for r in rows], dtype=np.int64)
         found = np.array([r[1] is not None for r in rows], dtype=bool)
         ages = np.full(len(rows), np.nan, dtype=np.float32)
@@ -341,6 +342,7 @@ class BatchPredictor:
         out["face"] = pd.array([r[1] for r in rows], dtype="Int32")
         out["box"] = pd.Series([r[2] for r in rows], dtype=object)
         out["face_score"] = np.array([r[3] for r in rows], dtype=np.float32)
+        out["aligned"] = pd.array([r[4] for r in rows], dtype="boolean")
         out["predicted_age"] = ages
-        out["error"] = np.array([r[4] for r in rows], dtype=object)
+        out["error"] = np.array([r[5] for r in rows], dtype=object)
         return out

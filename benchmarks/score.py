@@ -118,7 +118,7 @@ def main() -> None:
 
     init_ray()
     start = time.perf_counter()
-    summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency,
+    summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency, detect_faces=False,
                     precision=args.precision)
     job = len(paths) / (time.perf_counter() - start)
     idle = fixed_cost(paths, args.concurrency, work / "idle")

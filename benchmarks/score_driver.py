@@ -56,7 +56,8 @@ def main() -> None:
     init_ray()
     before = peak_mib()
     start = time.perf_counter()
-    summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency)
+    summary = score(args.checkpoint, str(manifest), str(work / "scores"), concurrency=args.concurrency,
+                    detect_faces=False)
     seconds = time.perf_counter() - start
     after = peak_mib()
     rows = len(pd.read_parquet(work / "scores", columns=["path"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from agecore.config import PRECISION_HELP, PRECISIONS
+from agecore.config import DETECT_FACES, PRECISION_HELP, PRECISIONS
 
 # Loggers of the libraries under the jobs: their notices and Python's warnings say little to a user,
 # so a quiet job sends them to its log file only.
@@ -66,6 +66,14 @@ def _native_stderr_to(log_file: str | Path) -> None:
 
 def add_address_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def add_detect_faces_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--detect-faces [auto|true|false]``: how each image is taken; a bare ``--detect-faces`` is ``true``."""
+    parser.add_argument("--detect-faces", nargs="?", const="true", default="auto", choices=DETECT_FACES, help=(
+        "auto: a face crop framed like the training crops is used as it is, and any other photo has its faces "
+        f"found (MTCNN) and aligned like the training crops; true: faces are always found; {what} "
+        "(default: %(default)s)"))
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:

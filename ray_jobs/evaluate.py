@@ -2,10 +2,11 @@
 
     python -m ray_jobs.evaluate --checkpoint runs/train/best --data runs/prepared --out runs/eval
     python -m ray_jobs.evaluate --checkpoint runs/train/best --data other_faces/ --out runs/eval-other
-    python -m ray_jobs.evaluate --checkpoint runs/train/best --data photos/ --out runs/eval-photos --detect-faces
+    python -m ray_jobs.evaluate --checkpoint runs/train/best --data photos/ --out runs/eval-photos
 
 ``--data`` takes a prepared folder (its ``--split``: by default test where one is held out, else val)
-or anything ``prepare`` reads. ``--attach`` stores the signed-error quantiles per age band, measured on
+or anything ``prepare`` reads; images that are not a prepared set go through the photo rule of
+``--detect-faces`` (default ``auto``: crops as they are, faces found in any other photo). ``--attach`` stores the signed-error quantiles per age band, measured on
 the validation split (never the test split), beside the checkpoint: the age-verification endpoint's margin.
 """
 
@@ -19,7 +20,7 @@ import ray
 
 from agecore import storage
 from agecore.checkpoint import read_meta
-from agecore.config import FORMATS
+from agecore.config import FORMATS, detect_mode
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.errors import InvalidInput
 from agecore.evaluate import build_report, choose_calibration
@@ -28,6 +29,7 @@ from agecore.predictor import BatchPredictor
 from agecore.prepare import is_prepared, resolve_split, split_dir
 from ray_jobs.common import (
     add_address_argument,
+    add_detect_faces_argument,
     add_precision_argument,
     init_ray,
     model_actor_options,
@@ -47,18 +49,22 @@ def most_confident_face(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64, precision: str | None = None, detect_faces: bool = False) -> pd.DataFrame:
+                  batch_size: int = 64, precision: str | None = None, detect_faces: bool | str = "auto") -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known).
 
-    ``detect_faces``: the images are uncropped photos; each is scored by its most confident face,
-    and a photo without one keeps its row with error ``no_face: ...``.
+    ``detect_faces`` ``auto`` or ``true`` on images (not a prepared set): each is scored by its most
+    confident face (a face crop, with ``auto``, as it is), and a photo without one keeps its row
+    with error ``no_face: ...``. A prepared set is face crops by construction.
     """
+    detect_faces = detect_mode(detect_faces)
+    prepared = is_prepared(data)
+    if prepared and detect_faces == "true":
+        raise InvalidInput(f"--detect-faces true needs photos; {data} is a prepared set of face crops")
+    detect_faces = "false" if prepared else detect_faces
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                       "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces}
-    if is_prepared(data):
-        if detect_faces:
-            raise InvalidInput(f"--detect-faces needs uncropped photos; {data} is a prepared set of face crops")
+    if prepared:
         ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
         ds = ds.select_columns(keep)
@@ -69,7 +75,7 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
         ds = ray.data.from_pandas(records).repartition(max(1, len(records) // 500))
     table = ds.map_batches(BatchPredictor, fn_constructor_kwargs=predictor_args, batch_size=batch_size,
                            batch_format="numpy", **options).to_pandas()
-    if detect_faces:
+    if detect_faces != "false":
         table = most_confident_face(table).drop(columns=["face", "box"])
     if len(rejects):  # bad labels are reported as unscored rows, not dropped
         table = pd.concat([table, pd.DataFrame({"path": rejects["path"], "age": float("nan"),
@@ -80,11 +86,11 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
 
 def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str | None = None, attach: bool = False,
              gpu: bool = False, address: str | None = None, precision: str | None = None,
-             detect_faces: bool = False) -> dict:
+             detect_faces: bool | str = "auto") -> dict:
     """Report on ``split`` of a prepared set (default: test where held out, else val) or on labelled
-    images; with ``detect_faces``, on labelled uncropped photos (one face each, the most confident)."""
+    images, each by its most confident face (``predict_table``)."""
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
-    if detect_faces:
+    if detect_mode(detect_faces) != "false" and not is_prepared(data):
         require_mtcnn()  # and so does a missing face detector
     split = resolve_split(data, split)
     init_ray(address)
@@ -117,9 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attach", action="store_true", help="store error quantiles beside the checkpoint")
     p.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
     add_precision_argument(p)
-    p.add_argument("--detect-faces", action="store_true",
-                   help="uncropped photos: score each by its most confident face (MTCNN, aligned like the "
-                        "training crops); photos without a face are counted and listed (no_face.csv)")
+    add_detect_faces_argument(p, "false: each image is a face crop. Images are scored by their most confident face; "
+                                 "photos without one are counted and listed (no_face.csv). A prepared set is crops")
     add_address_argument(p)
     return p
 

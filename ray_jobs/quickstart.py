@@ -132,7 +132,8 @@ def quickstart(data: str, out: str, *, backbone: str | None = None, pretrained_f
     report = evaluate(f"{run}/best", prepared, report_dir, split=split)
 
     _say(f"4/4 score the {split} images")
-    scored = score(f"{run}/best", str(_split_paths(prepared, split, root)), scores)
+    # the split's images are the face crops the model was prepared from: the crop path, without a detector
+    scored = score(f"{run}/best", str(_split_paths(prepared, split, root)), scores, detect_faces=False)
 
     result = {"weights": weights.note, "backbone": weights.backbone, "pretrained": weights.pretrained,
               "pretrained_file": weights.file, "splits": counts, "best_val_mae": best.get("val_mae"),

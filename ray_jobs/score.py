@@ -1,17 +1,19 @@
 """Bulk age scoring of an image collection with Ray Data: one output row per input (or per face), always.
 
-    python -m ray_jobs.score --checkpoint runs/train/best --input photos/ --out runs/scores
-    python -m ray_jobs.score --checkpoint runs/train/best --input s3://bucket/faces/ --out s3://bucket/scores
-    python -m ray_jobs.score --checkpoint runs/train/best --input party/ --out runs/faces --detect-faces
+    python -m ray_jobs.score --checkpoint runs/train/best --input party/ --out runs/party
+    python -m ray_jobs.score --checkpoint runs/train/best --input s3://bucket/photos/ --out s3://bucket/scores
+    python -m ray_jobs.score --checkpoint runs/train/best --input crops/ --out runs/crops --detect-faces false
 
 ``--input`` is a folder (searched recursively by image extension), a manifest CSV/Parquet with
 a ``path`` column, or a URI that pyarrow opens. ``--out`` is a Parquet data set (a folder of
 part files) with ``path``, ``predicted_age`` (null where the image is unusable) and ``error``.
 
-The inputs should be face crops like the training images. For uncropped photos,
-``--detect-faces`` finds the faces first (MTCNN, from facenet-pytorch), aligns each by its five
-landmarks like the training crops (``agecore.faces``) and writes one row per face instead, adding ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels) and
-``face_score``; a photo without a face gets one row with error ``no_face: ...``.
+By default (``--detect-faces auto``) any photo is taken: a face crop framed like the training
+crops is used as it is, and in any other photo the faces are found (MTCNN, from facenet-pytorch)
+and aligned by their five landmarks like the training crops (``agecore.faces``). The rows are then
+faces, with ``face`` (index, left to right), ``box`` (x1, y1, x2, y2 in pixels), ``face_score`` and
+``aligned`` (false for a crop taken as it is); a photo without a face gets one row with error
+``no_face: ...``. ``--detect-faces false`` is the fast path for face crops: a row per image.
 
 The predictor's rows never pass through the driver: Ray Data's ``write_parquet`` writes the parts
 from the workers, so ``--out`` must be reachable from every node (a URI or a shared folder). The
@@ -47,12 +49,14 @@ from ray.data.datasource import FilenameProvider
 
 from agecore import storage
 from agecore.checkpoint import read_meta
+from agecore.config import detect_mode
 from agecore.datasets import list_images
 from agecore.errors import InvalidInput
-from agecore.faces import require_mtcnn
+from agecore.faces import NO_FACE, require_mtcnn
 from agecore.predictor import BatchPredictor
 from ray_jobs.common import (
     add_address_argument,
+    add_detect_faces_argument,
     add_precision_argument,
     init_ray,
     model_actor_options,
@@ -63,7 +67,8 @@ log = logging.getLogger("ray_jobs.score")
 
 SCHEMA = pa.schema([("path", pa.string()), ("predicted_age", pa.float32()), ("error", pa.string())])
 FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", pa.list_(pa.float32())),
-                          ("face_score", pa.float32()), ("predicted_age", pa.float32()), ("error", pa.string())])
+                          ("face_score", pa.float32()), ("aligned", pa.bool_()), ("predicted_age", pa.float32()),
+                          ("error", pa.string())])
 DEFAULT_BATCH_SIZE = 64  # paths per predictor call
 # Each predictor actor gets at least this many blocks, so that no actor sits idle for long at the end.
 MIN_BLOCKS_PER_ACTOR = 8
@@ -92,8 +97,9 @@ def _read_part(fs: pyarrow.fs.FileSystem, part: str, columns: list[str], schema:
     except pa.ArrowInvalid:
         return None
     if schema is not None and names != schema.names:
-        raise ValueError(f"{part} has other columns than this run writes: it was written "
-                         f"{'without' if 'face' in schema.names else 'with'} --detect-faces: use another --out")
+        written = "rows of images (--detect-faces false)" if "face" not in names else "rows of faces"
+        raise InvalidInput(f"{part} holds {written}, and this run writes other columns ({', '.join(schema.names)}): "
+                           "use another --out, or the --detect-faces of the run that wrote it")
     return table
 
 
@@ -132,9 +138,7 @@ def block_rows(images: int, batch_size: int, actors: int) -> int:
     least ``MIN_BLOCKS_PER_ACTOR`` blocks.
 
     Ray Data hands whole blocks to actors, so the last block leaves the others idle while it runs;
-    with few blocks per actor that tail is a large share of the job. Measured (ResNet50, 2 CPUs):
-    400 images in one block kept one of the two actors idle for the whole run: 2.3 images/s, against
-    3.6 in 16 blocks of 25.
+    with few blocks per actor that tail is a large share of the job (docs/benchmarks.md).
 
     >>> block_rows(5000, 64, 2), block_rows(400, 64, 2), block_rows(10, 64, 4)
     (64, 25, 1)
@@ -146,7 +150,7 @@ def path_blocks(paths: list[str], batch_size: int, actors: int) -> tuple[ray.dat
     """The paths as a data set of blocks of ``block_rows`` rows each, and that row count.
 
     Cut here, in the driver, rather than by a repartition: a shuffle task lost with a node could not
-    be retried while the surviving predictor actors held every CPU (seen: a deadlock).
+    be retried while the surviving predictor actors held every CPU, and the job would hang.
     """
     rows = block_rows(len(paths), batch_size, actors)
     blocks = np.array_split(np.array(paths, dtype=object), -(-len(paths) // rows))
@@ -165,7 +169,7 @@ def _open_output(out: str, schema: pa.Schema) -> tuple[set[str], set[str]]:
 
 
 def _predictions(
-    todo: list[str], checkpoint: str, batch_size: int, concurrency: int | None, gpu: bool, detect_faces: bool,
+    todo: list[str], checkpoint: str, batch_size: int, concurrency: int | None, gpu: bool, detect_faces: str,
     precision: str | None,
 ) -> tuple[ray.data.Dataset, int, int]:
     """The scored rows of ``todo`` (lazy), and the predictor actors and threads that compute them."""
@@ -197,25 +201,25 @@ def write_parts(scored: ray.data.Dataset, out: str, schema: pa.Schema, rows_per_
     )
 
 
-def _tally(part: pa.Table, detect_faces: bool) -> Counter:
-    """Images written and unusable in a part; with ``detect_faces``, faces found and photos without one."""
+def _tally(part: pa.Table, faces: bool) -> Counter:
+    """Images written and unusable in a part; with rows of ``faces``, faces found and photos without one."""
     failed = pc.not_equal(part.column("error"), "")
-    if not detect_faces:
+    if not faces:
         return Counter(written=part.num_rows, failed=pc.sum(failed).as_py() or 0)
     # rows are faces here; a photo without a face is not an unusable image, and all its rows are in this part
-    no_face = pc.starts_with(part.column("error"), "no_face:")
+    no_face = pc.starts_with(part.column("error"), f"{NO_FACE}:")
     return Counter(written=pc.count_distinct(part.column("path")).as_py(),
                    failed=pc.sum(pc.and_(failed, pc.invert(no_face))).as_py() or 0,
                    faces=part.num_rows - part.column("face").null_count, no_face=pc.sum(no_face).as_py() or 0)
 
 
-def _written(out: str, before: set[str], expected: int, detect_faces: bool) -> Counter:
+def _written(out: str, before: set[str], expected: int, faces: bool) -> Counter:
     """Tally the parts this run wrote, one at a time by their small columns; they must hold ``expected`` images."""
     fs, parts = _parts(out)
-    columns = ["path", "face", "error"] if detect_faces else ["error"]
+    columns = ["path", "face", "error"] if faces else ["error"]
     counts: Counter = Counter()
     for part in read_parts(fs, sorted(set(parts) - before), columns):
-        counts.update(_tally(part, detect_faces))
+        counts.update(_tally(part, faces))
     if counts["written"] != expected:
         raise RuntimeError(f"{out}: this run's parts hold {counts['written']} images of the {expected} it scored; "
                            "rerun the same command to score the missing ones")
@@ -223,26 +227,32 @@ def _written(out: str, before: set[str], expected: int, detect_faces: bool) -> C
 
 
 def _summary(input: str, paths: list[str], todo: list[str], counts: Counter, actors: int, threads: int,
-             seconds: float, detect_faces: bool) -> dict:
+             seconds: float, faces: bool) -> dict:
     """What ``score`` returns and logs: the images seen, skipped, scored and unusable, and the speed."""
     written = counts["written"]
     summary = {"input": input, "images": len(paths), "skipped_already_scored": len(paths) - len(todo),
                "scored_now": written, "unusable_now": counts["failed"], "actors": actors, "threads": threads,
                "seconds": round(seconds, 1),
                "images_per_second": round(written / seconds, 1) if written else None}
-    if detect_faces:
+    if faces:
         summary.update(faces_found_now=counts["faces"], images_without_face_now=counts["no_face"])
     return summary
 
 
 def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
-          detect_faces: bool = False, precision: str | None = None) -> dict:
-    """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did."""
+          detect_faces: bool | str = "auto", precision: str | None = None) -> dict:
+    """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did.
+
+    ``detect_faces`` (``auto``, ``true`` or ``false``) is ``Predictor.face_crops``'s rule: with
+    ``auto`` and ``true`` the rows are faces (``FACES_SCHEMA``), with ``false`` images (``SCHEMA``).
+    """
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
-    if detect_faces:
+    detect_faces = detect_mode(detect_faces)
+    faces = detect_faces != "false"
+    if faces:
         require_mtcnn()  # and so does a missing face detector
-    schema = FACES_SCHEMA if detect_faces else SCHEMA
+    schema = FACES_SCHEMA if faces else SCHEMA
     paths = list_images(input)
     refuse_duplicates(paths, input)
     before, done = _open_output(out, schema)
@@ -255,8 +265,8 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
         scored, actors, threads = _predictions(todo, checkpoint, batch_size, concurrency, gpu, detect_faces,
                                                precision)
         write_parts(scored, out, schema, rows_per_part, writers=actors)
-        counts = _written(out, before, len(todo), detect_faces)
-    summary = _summary(input, paths, todo, counts, actors, threads, time.perf_counter() - start, detect_faces)
+        counts = _written(out, before, len(todo), faces)
+    summary = _summary(input, paths, todo, counts, actors, threads, time.perf_counter() - start, faces)
     log.info("done: %s", summary)
     return summary
 
@@ -272,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
     add_precision_argument(p)
-    p.add_argument("--detect-faces", action="store_true",
-                   help="uncropped photos: find the faces (MTCNN) and write one row per face")
+    add_detect_faces_argument(p, "a row per face; false: each image is a face crop, a row per image")
     add_address_argument(p)
     return p
 

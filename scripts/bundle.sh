@@ -157,7 +157,7 @@ run() {
         ::: train --prepared "$work/prepared" --out "$work/train" --mode finetune --backbone "$backbone"
             "${weights[@]}" --epochs "${EPOCHS:-10}" "${gpu[@]}"
         ::: evaluate --checkpoint "$work/train/best" --data "$work/prepared" --out "$work/eval" "${gpu[@]}"
-        ::: score --checkpoint "$work/train/best" --input "$data" --out "$work/scores" "${gpu[@]}")
+        ::: score --checkpoint "$work/train/best" --input "$data" --out "$work/scores" --detect-faces false "${gpu[@]}")
     "$PY" scripts/bundle.py jobs "$LOG" "${jobs[@]}"
     cp "$work/train/metrics.csv" "$work/train/curves.png" "$out/"
     cp "$work/eval/report.md" "$out/evaluation.md"; cp "$work/eval/error_by_age.png" "$out/"

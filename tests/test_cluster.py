@@ -216,7 +216,8 @@ def test_jobs_on_two_nodes_and_scoring_survives_a_lost_node(cluster, faces_root,
     for name in names:
         os.symlink(faces_root / "final_files" / name, photos / name)
     scores = tmp_path / "scores"
-    job = cluster.submit("-m", "ray_jobs.score", "--checkpoint", f"file://{run}/best", "--input", f"file://{photos}",
+    job = cluster.submit("-m", "ray_jobs.score", "--detect-faces", "false", "--checkpoint", f"file://{run}/best",
+                         "--input", f"file://{photos}",
                          "--out", f"file://{scores}", "--batch-size", "16", "--concurrency", "3", wait=False)
     # the node is lost once the job's predictor actors have loaded on both nodes: batches are in flight on it
     deadline = time.monotonic() + 180

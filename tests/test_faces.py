@@ -153,8 +153,31 @@ def test_score_with_detect_faces_writes_a_row_per_face_and_resumes(photos, check
             assert len(group) == len(rows[rows["path"] == path])
     again = score(str(checkpoint), str(folder), str(out), detect_faces=True)
     assert again["skipped_already_scored"] == 4 and again["scored_now"] == 0
-    with pytest.raises(ValueError, match="with --detect-faces"):
-        score(str(checkpoint), str(folder), str(out))
+    with pytest.raises(ValueError, match="holds rows of faces, and this run writes other columns"):
+        score(str(checkpoint), str(folder), str(out), detect_faces=False)
+
+
+@pytest.mark.slow
+def test_score_by_default_takes_crops_as_they_are_and_finds_the_faces_of_photos(
+        photos, checkpoint, faces_root, tmp_path, ray_local):
+    folder, _ = photos
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("two.jpg", "plain.jpg"):
+        (mixed / name).write_bytes((folder / name).read_bytes())
+    chip = faces_root / "final_files" / subset(faces_root, 9)["file_name"].iloc[3]
+    (mixed / "crop.jpg").write_bytes(chip.read_bytes())
+    summary = score(str(checkpoint), str(mixed), str(tmp_path / "scores"), batch_size=2)
+    rows = pq.read_table(tmp_path / "scores").to_pandas().sort_values(["path", "face"])
+    assert summary["faces_found_now"] == 3 and summary["images_without_face_now"] == 1
+    predictor = Predictor(checkpoint, "cpu")
+    for path, group in rows[rows["error"] == ""].groupby("path"):
+        library = predictor.predict_faces(path)  # the same rule, face for face
+        assert group["aligned"].tolist() == [f["aligned"] for f in library]
+        np.testing.assert_allclose(group["predicted_age"], [f["age"] for f in library], atol=1e-3)
+    crop = rows[rows["path"].str.endswith("crop.jpg")].iloc[0]
+    assert not crop["aligned"] and list(crop["box"]) == [0.0, 0.0, 200.0, 200.0]
+    assert rows[rows["path"].str.endswith("two.jpg")]["aligned"].tolist() == [True, True]
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def read_scores(out):
 
 def test_score_gives_one_row_per_image_with_errors(checkpoint, mixed_folder, tmp_path, ray_local):
     folder, bad = mixed_folder
-    summary = score(str(checkpoint), str(folder), str(tmp_path / "scores"), batch_size=16)
+    summary = score(str(checkpoint), str(folder), str(tmp_path / "scores"), batch_size=16, detect_faces=False)
     rows = read_scores(tmp_path / "scores")
     images = [p for p in folder.rglob("*") if p.suffix in (".jpg", ".png")]
     assert len(rows) == len(images) == summary["images"] == summary["scored_now"] and rows["path"].is_unique
@@ -76,7 +76,7 @@ def test_score_blocks_are_small_enough_to_keep_every_actor_busy(images, batch_si
 def test_interrupted_score_run_is_completed_without_duplicates(checkpoint, mixed_folder, tmp_path, ray_local):
     folder, _ = mixed_folder
     out = tmp_path / "scores"
-    first = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    first = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10, detect_faces=False)
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3 and first["scored_now"] == first["images"] == len(read_scores(out))
     assert all(pq.read_schema(part).equals(SCHEMA) for part in parts)
@@ -90,7 +90,7 @@ def test_interrupted_score_run_is_completed_without_duplicates(checkpoint, mixed
         part.unlink()
     parts[1].write_bytes(half)
     (out / ".tmp-part-leftover.parquet").write_bytes(b"half a file")
-    again = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10)
+    again = score(str(checkpoint), str(folder), str(out), batch_size=8, rows_per_part=10, detect_faces=False)
     assert not parts[1].exists() and not (out / ".tmp-part-leftover.parquet").exists()
     rows = read_scores(out)
     assert again["skipped_already_scored"] == len(kept) and again["scored_now"] == len(rescored)
@@ -121,6 +121,6 @@ def test_evaluate_on_raw_labelled_folder_counts_bad_rows(checkpoint, faces_root,
     manifest.loc[len(manifest)] = [str(tmp_path / "missing.jpg"), 30]
     manifest.loc[len(manifest)] = [manifest["path"][0] + "?", "old"]
     manifest.to_csv(tmp_path / "m.csv", index=False)
-    report = evaluate(str(checkpoint), str(tmp_path / "m.csv"), str(tmp_path / "eval"))
+    report = evaluate(str(checkpoint), str(tmp_path / "m.csv"), str(tmp_path / "eval"), detect_faces=False)
     assert report["rows"] == 32 and report["scored"] == 30
     assert report["unscored_by_reason"] == {"missing_file": 1, "bad_label": 1}
