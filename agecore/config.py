@@ -35,6 +35,9 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRETRAINED: tuple[str, ...] = get_args(Pretrained)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DETECT_FACES: tuple[str, ...] = get_args(DetectFaces)
+DETECT_FACES_HELP = ("auto: a face crop framed like the training crops is used as it is, and any other photo has its "
+                     "faces found (MTCNN) and aligned like the training crops; true: faces are always found; false: "
+                     "each image is a face crop (the fast path for pre-cropped data)")
 PRECISION_HELP = ("inference precision (default: bf16 where the device runs it natively: GPUs, CPUs with "
                   "AVX512-BF16 or AMX; fp32 elsewhere)")
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from agecore import __version__
-from agecore.checkpoint import load_checkpoint, preprocessing, weights_digest
+from agecore.checkpoint import load_checkpoint, preprocessing, read_calibration, weights_digest
 from agecore.config import PRECISIONS, DetectFaces, FaceDetection, detect_mode
 from agecore.faces import (
     CROP_PAD,
@@ -42,6 +42,7 @@ from agecore.faces import (
     largest,
 )
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
+from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.model import freeze_graph, native_bf16
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,43 @@ class Predictor:
         ages = self.predict_arrays(crops)
         return [{"box": list(face.box), "face_score": face.score, "aligned": face.aligned, "age": float(age)}
                 for face, age in zip(faces, ages, strict=True)]
+
+    # -- the answers of the HTTP API -----------------------------------------------------------------
+
+    @functools.cached_property
+    def calibration(self) -> dict[str, Any] | None:
+        """The checkpoint's calibration (``calibration.json``): the likely ranges and challenge ages."""
+        return read_calibration(self.checkpoint)
+
+    @property
+    def margin(self) -> float:
+        """The half-width of the likely range where the checkpoint has no calibration."""
+        return fallback_margin(self.meta.get("metrics", {}).get("val_mae"))
+
+    def describe(self, age: float, min_age: float | None = None) -> dict[str, Any]:
+        """One estimate as ``/v1/age`` gives it (``age``, ``likely_range``), and with ``min_age`` as
+        ``/v1/verify`` does (the verdict, its challenge age and where its margin comes from)."""
+        if min_age is not None:
+            answer = verify_answer(age, min_age, self.calibration, self.margin)
+            return {k: v for k, v in answer.items() if k != "min_age"}
+        low, high = likely_range(np.array([age]), self.calibration, self.margin)
+        return {"age": round(float(age), 2), "likely_range": [round(float(low[0]), 1), round(float(high[0]), 1)]}
+
+    def answer(self, image: ImageLike, min_age: float | None = None, detect_faces: DetectFaces = "auto") -> dict[str, Any]:
+        """What ``/v1/age`` (or with ``min_age``, ``/v1/verify``) answers for a photo: every face with its
+        box, age, likely range (and verdict), and the largest face's age (or verdict) at the top;
+        ``message`` says why no face was found, when none was."""
+        photo = self.photo(image)
+        faces = [{**{k: v for k, v in found.items() if k != "age"}, **self.describe(found["age"], min_age)}
+                 for found in self.predict_faces(photo, detect_faces)]
+        main = max(faces, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), default=None)
+        top = ({"min_age": min_age, "verdict": main and main["verdict"]} if min_age is not None else
+               {"age": main and main["age"], "likely_range": main and main["likely_range"]})
+        return {**top, "faces": faces, "message": None if faces else self.no_face_message(photo)}
+
+    def verify(self, image: ImageLike, min_age: float, detect_faces: DetectFaces = "auto") -> dict[str, Any]:
+        """Is each person of the photo at least ``min_age``? What ``/v1/verify`` answers (``answer``)."""
+        return self.answer(image, min_age, detect_faces)
 
     def predict_paths(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Ages (NaN where the image is unusable) and error texts ('' where fine), one per path."""

@@ -11,7 +11,8 @@ from pathlib import Path
 import ray
 import ray.data
 
-from agecore.config import DETECT_FACES, PRECISION_HELP, PRECISIONS
+from agecore.config import PRECISION_HELP, PRECISIONS
+from agecore.errors import InvalidInput
 
 # Loggers of the libraries under the jobs: their notices and Python's warnings say little to a user,
 # so a quiet job sends them to its log file only.
@@ -66,14 +67,6 @@ def _native_stderr_to(log_file: str | Path) -> None:
 
 def add_address_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-
-
-def add_detect_faces_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--detect-faces [auto|true|false]``: how each image is taken; a bare ``--detect-faces`` is ``true``."""
-    parser.add_argument("--detect-faces", nargs="?", const="true", default="auto", choices=DETECT_FACES, help=(
-        "auto: a face crop framed like the training crops is used as it is, and any other photo has its faces "
-        f"found (MTCNN) and aligned like the training crops; true: faces are always found; {what} "
-        "(default: %(default)s)"))
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -133,12 +126,16 @@ def model_actor_options(gpu: bool = False, actors: int | None = None, cpus_per_a
     them and the pipeline stalls). A pipeline without such tasks (scoring: paths in, and write tasks
     that ask for no CPU) takes one single-thread actor per CPU (``cpus_per_actor=1``), the faster
     layout on CPUs (docs/benchmarks.md, ``benchmarks/score.py``). On GPUs, one actor per GPU.
+
+    Without ``actors`` the pool is sized by the cluster as it is now; ``actors`` asks for that many,
+    which an autoscaling cluster starts nodes for.
     """
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1), int(resources.get("GPU", 0))
     if gpu:
-        if not gpus:
-            raise RuntimeError("--gpu asked for, but the Ray cluster has no GPU")
+        if not gpus and not actors:
+            raise InvalidInput("--gpu: the Ray cluster has no GPU now; on an autoscaling cluster, ask for GPU "
+                               "actors with --concurrency N and it starts GPU nodes for them")
         n = actors or gpus
         return {"compute": ray.data.ActorPoolStrategy(size=n), "num_gpus": 1, "num_cpus": 1}, 0
     n = actors or max(1, int(cpus // cpus_per_actor))

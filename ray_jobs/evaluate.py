@@ -29,13 +29,13 @@ from agecore.predictor import BatchPredictor
 from agecore.prepare import is_prepared, resolve_split, split_dir
 from ray_jobs.common import (
     add_address_argument,
-    add_detect_faces_argument,
     add_precision_argument,
     init_ray,
     model_actor_options,
     read_parquet,
     setup_logging,
 )
+from ray_jobs.options import add_detect_faces_argument
 
 log = logging.getLogger("ray_jobs.evaluate")
 
@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attach", action="store_true", help="store error quantiles beside the checkpoint")
     p.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
     add_precision_argument(p)
-    add_detect_faces_argument(p, "false: each image is a face crop. Images are scored by their most confident face; "
-                                 "photos without one are counted and listed (no_face.csv). A prepared set is crops")
+    add_detect_faces_argument(p, "Each image is scored by its most confident face; photos without one are counted "
+                                 "and listed (no_face.csv). A prepared set is crops")
     add_address_argument(p)
     return p
 

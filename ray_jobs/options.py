@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from agecore import storage
+from agecore.config import DETECT_FACES, DETECT_FACES_HELP
 
 T = TypeVar("T")
 
@@ -71,6 +72,12 @@ def add_config_arguments(
             kwargs.update(default=f.default, help=text if "(default" in text else f"{text} (default: %(default)s)")
         option = "--" + rename.get(f.name, f.name).replace("_", "-")
         parser.add_argument(option, dest=f.name, **kwargs)
+
+
+def add_detect_faces_argument(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """``--detect-faces [auto|true|false]``, how each image is taken; a bare ``--detect-faces`` is ``true``."""
+    parser.add_argument("--detect-faces", nargs="?", const="true", default="auto", choices=DETECT_FACES,
+                        help=f"{DETECT_FACES_HELP}{'. ' + what if what else ''} (default: %(default)s)")
 
 
 def override_defaults(parser: argparse.ArgumentParser, defaults: Mapping[str, tuple[Any, str]]) -> None:

@@ -19,16 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from agecore.checkpoint import read_calibration
-from agecore.config import DETECT_FACES, PRECISION_HELP, PRECISIONS
+from agecore.config import PRECISION_HELP, PRECISIONS
 from agecore.errors import InvalidInput
 from agecore.faces import require_mtcnn
 from agecore.images import ImageError
-from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.predictor import Predictor
+from ray_jobs.options import add_detect_faces_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,44 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", help="image files: any photo, or face crops")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (a training run's best/)")
     p.add_argument("--min-age", type=float, default=None, help="also answer: is each person at least this old?")
-    p.add_argument("--detect-faces", choices=DETECT_FACES, default="auto", help=(
-        "auto: a face crop framed like the training crops is used as it is, any other photo has its faces found "
-        "and aligned; true: always find faces; false: each image is a face crop (default: %(default)s)"))
+    add_detect_faces_argument(p)
     p.add_argument("--draw", default=None, metavar="DIR", help="write each photo with its boxes and ages into DIR")
     p.add_argument("--json", action="store_true", help="print the HTTP API's answer for each photo instead")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return p
-
-
-class Answerer:
-    """What ``/v1/age`` and ``/v1/verify`` answer for one photo, from the library alone."""
-
-    def __init__(self, predictor: Predictor) -> None:
-        self.predictor = predictor
-        self.calibration = read_calibration(predictor.checkpoint)
-        self.margin = fallback_margin(predictor.meta.get("metrics", {}).get("val_mae"))
-
-    def face(self, found: dict[str, Any], min_age: float | None) -> dict[str, Any]:
-        if min_age is not None:
-            verdict = verify_answer(found["age"], min_age, self.calibration, self.margin)
-            return {**found, **{k: v for k, v in verdict.items() if k != "min_age"}}
-        low, high = likely_range(np.array([found["age"]]), self.calibration, self.margin)
-        return {**found, "age": round(found["age"], 2), "likely_range": [round(float(low[0]), 1), round(float(high[0]), 1)]}
-
-    def photo(self, path: str, min_age: float | None, detect_faces: str) -> tuple[dict[str, Any], Image.Image]:
-        """The answer for the photo at ``path``, and the photo (decoded once, for drawing)."""
-        start = time.perf_counter()
-        photo = self.predictor.photo(path)
-        faces = [self.face(f, min_age) for f in self.predictor.predict_faces(photo, detect_faces)]
-        main = max(faces, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), default=None)
-        answer: dict[str, Any] = {"path": path}
-        if min_age is not None:
-            answer.update(min_age=min_age, verdict=main and main["verdict"])
-        else:
-            answer.update(age=main and main["age"], likely_range=main and main["likely_range"])
-        message = None if faces else self.predictor.no_face_message(photo)
-        return {**answer, "faces": faces, "message": message, "seconds": round(time.perf_counter() - start, 4)}, photo
 
 
 def face_line(path: str, i: int, count: int, face: dict[str, Any]) -> str:
@@ -95,13 +59,16 @@ def predict(photos: list[str], checkpoint: str, min_age: float | None = None, de
         raise InvalidInput(f"--min-age must be in [1, 100], got {min_age:g}")
     if detect_faces != "false":
         require_mtcnn()  # a missing detector is said before the model loads
-    answerer = Answerer(Predictor(checkpoint, threads=threads, precision=precision))
+    predictor = Predictor(checkpoint, threads=threads, precision=precision)
     if draw:
         Path(draw).mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in photos:
         try:
-            answer, photo = answerer.photo(path, min_age, detect_faces)
+            start = time.perf_counter()
+            photo = predictor.photo(path)  # decoded once, for the answer and the drawing
+            answer = {"path": path, **predictor.answer(photo, min_age, detect_faces),
+                      "seconds": round(time.perf_counter() - start, 4)}
         except ImageError as e:
             failed += 1
             print(f"{path}: error: {e}", file=sys.stderr)

@@ -56,12 +56,12 @@ from agecore.faces import NO_FACE, require_mtcnn
 from agecore.predictor import BatchPredictor
 from ray_jobs.common import (
     add_address_argument,
-    add_detect_faces_argument,
     add_precision_argument,
     init_ray,
     model_actor_options,
     setup_logging,
 )
+from ray_jobs.options import add_detect_faces_argument
 
 log = logging.getLogger("ray_jobs.score")
 
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
     p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
     add_precision_argument(p)
-    add_detect_faces_argument(p, "a row per face; false: each image is a face crop, a row per image")
+    add_detect_faces_argument(p, "A row per face; with false, a row per image")
     add_address_argument(p)
     return p
 

@@ -71,3 +71,14 @@ def test_readme_names_only_options_that_exist():
                 if word.startswith("--"):
                     assert word in known, f"README: `{line.strip()}`: age {words[1]} has no {word}"
     assert checked >= 4, "the README's shell examples name no `age` stage"
+
+
+def test_the_guides_python_example_runs(quickstart_layout, facenet):
+    guides = Path(__file__).resolve().parents[1] / "docs" / "guides.md"
+    (blocks,) = re.findall(r"^```python\n(.*?)^```", guides.read_text(), flags=re.S | re.M)
+    (quickstart_layout / "selfie.jpg").write_bytes((quickstart_layout / "group.jpg").read_bytes())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks, str(guides), "exec"), {"__name__": "guides"})
+    verdict, faces = out.getvalue().split(" ", 1)
+    assert verdict in ("yes", "no", "uncertain") and faces.startswith("[(") and faces.count("(") == 1  # one face

@@ -21,19 +21,17 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 
 from agecore import storage
-from agecore.checkpoint import read_calibration, read_meta
-from agecore.config import DETECT_FACES, ServeConfig
+from agecore.checkpoint import read_meta
+from agecore.config import DETECT_FACES, DETECT_FACES_HELP, ServeConfig
 from agecore.errors import InvalidInput
 from agecore.faces import NO_FACE, Face, largest
 from agecore.images import ImageError
-from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.predictor import Predictor
 from ray_jobs.options import add_config_arguments, config_from_args
 from ray_jobs.serve.batching import SharedForward
 from ray_jobs.serve.http import app, error, image_error, read_images, service_metrics
 from ray_jobs.serve.schema import (
     BATCH_SIZE,
-    DETECT_HELP,
     IMAGE_REFUSALS,
     MAX_FILES,
     AgeAnswer,
@@ -53,7 +51,7 @@ from ray_jobs.serve.schema import (
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html").read_text()
-DetectQuery = Query("auto", description=DETECT_HELP, pattern=f"^({'|'.join(DETECT_FACES)})$")
+DetectQuery = Query("auto", description=DETECT_FACES_HELP, pattern=f"^({'|'.join(DETECT_FACES)})$")
 
 
 def _since(start: float) -> float:
@@ -72,18 +70,15 @@ class AgeService:
     def __init__(self, config: ServeConfig) -> None:
         self.predictor = Predictor(config.checkpoint, threads=config.threads, precision=config.precision)
         self.max_body = config.max_body_bytes
-        self.calibration = read_calibration(config.checkpoint)
-        if self.calibration is None:
+        if self.predictor.calibration is None:
             log.warning("%s has no calibration: likely ranges are the estimate +/- twice its validation MAE and "
                         "no challenge age applies (age evaluate --attach measures one)", config.checkpoint)
-        self.margin = fallback_margin(self.predictor.meta.get("metrics", {}).get("val_mae"))
         self.metrics = service_metrics()
         self.forward = SharedForward(self.predictor, on_batch=self.metrics.batch_size.observe)
         self.identity = ModelIdentity(**self.predictor.identity)
 
-    def _range(self, age: float) -> tuple[float, float]:
-        low, high = likely_range(np.array([age]), self.calibration, self.margin)
-        return round(float(low[0]), 1), round(float(high[0]), 1)
+    def _range(self, age: float) -> list[float]:
+        return self.predictor.describe(age)["likely_range"]
 
     async def _images(self, request: Request, route: str, many: bool) -> list[tuple[str, bytes]]:
         files = await read_images(request, self.max_body, MAX_FILES if many else 1)
@@ -188,8 +183,7 @@ class AgeService:
                                  model=self.identity)
 
     def _verdict(self, age: float, min_age: float) -> dict[str, Any]:
-        answer = verify_answer(age, min_age, self.calibration, self.margin)
-        return {k: v for k, v in answer.items() if k != "min_age"}
+        return self.predictor.describe(age, min_age)
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
@@ -200,7 +194,7 @@ class AgeService:
         meta = self.predictor.meta
         return ModelAnswer(**self.identity.model_dump(), preprocessing=meta["preprocessing"],
                            metrics=meta.get("metrics", {}),
-                           versions=meta.get("versions"), calibrated=self.calibration is not None,
+                           versions=meta.get("versions"), calibrated=self.predictor.calibration is not None,
                            limits=Limits(max_body_bytes=self.max_body, max_files=MAX_FILES, batch_size=BATCH_SIZE))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -44,8 +44,6 @@ RANGE_HELP = (f"{NOMINAL_COVERAGE:.0%} of validation faces with an estimate in t
               "in this range")
 CHALLENGE_HELP = (f"'yes' needs an estimate above this: {CHALLENGE_SHARE:.0%} of validation faces up to "
                   f"{NEAR_THRESHOLD_YEARS} years under min_age exceeded it")
-DETECT_HELP = ("auto: a face crop framed like the training crops is used as it is, any other photo has its faces "
-               "found and aligned; true: always find the faces; false: the image is a face crop")
 
 Box = tuple[float, float, float, float]
 Verdict = Literal["yes", "no", "uncertain"]
