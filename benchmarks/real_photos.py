@@ -217,7 +217,7 @@ def compare(frame: pd.DataFrame) -> dict[str, Any]:
         out[m] = {"found": int(found(frame, m).sum()), "no_face": int((~found(frame, m)).sum()),
                   "both": _summary(frame, m, both), "own": _summary(frame, m, np.ones(len(frame), bool)),
                   "grey": _summary(frame, m, both & grey), "colour": _summary(frame, m, both & ~grey),
-                  "per_band": band.reset_index().replace({np.nan: None}).to_dict("records")}
+                  "per_band": band.round(4).reset_index().replace({np.nan: None}).to_dict("records")}
     if "peer" in frame:
         pairs = [(a, b) for a, b, k in zip(frame["ours_box"], frame["peer_box"], both, strict=True) if k]
         out["same_face"] = sum(same_face(a, b) for a, b in pairs)
@@ -363,7 +363,7 @@ def write_outputs(out: Path, report: dict[str, Any], frame: pd.DataFrame) -> Non
                "peer_decode_s", "peer_s", "peer_cpu_s", "ours_error", "peer_error"]
     if "peer" in frame:
         frame["peer_found"] = found(frame, "peer")
-    frame[[c for c in columns if c in frame]].to_csv(out / "photos.csv", index=False)
+    frame[[c for c in columns if c in frame]].to_csv(out / "photos.csv", index=False, float_format="%.5g")
     c = report["compare"]
     names = {"ours": "ours", "peer": PEER_NAME}
     bands = {names[m]: pd.DataFrame(c[m]["per_band"]).set_index("age_band") for m in MODELS if m in c}
