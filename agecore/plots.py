@@ -116,6 +116,31 @@ def error_by_age(true: np.ndarray, pred: np.ndarray, path: str | Path) -> Path:
     return Path(path)
 
 
+def band_errors(tables: dict[str, pd.DataFrame], path: str | Path, title: str = "Error by age band") -> Path:
+    """MAE (bars) and bias (dots) per age band, one colour a model; ``tables`` are ``metrics.per_band`` frames
+    of the same photos, so the counts under the bands are the first one's."""
+    idx = np.arange(len(AGE_BAND_LABELS))
+    width = 0.8 / max(len(tables), 1)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for k, (name, table) in enumerate(tables.items()):
+        table = table.reindex(AGE_BAND_LABELS)
+        x = idx - 0.4 + width * (k + 0.5)
+        bars = ax.bar(x, table["mae"].astype(float), width=width, label=f"{name}: MAE")
+        ax.scatter(x, table["bias"].astype(float), color=bars.patches[0].get_facecolor(), edgecolor="black",
+                   zorder=3, label=f"{name}: bias (pred - true)")
+    counts = next(iter(tables.values())).reindex(AGE_BAND_LABELS)["count"].fillna(0).astype(int)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(idx, [f"{lab}\n(n={c})" for lab, c in zip(AGE_BAND_LABELS, counts, strict=True)], fontsize=8)
+    ax.set_ylabel("years")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def tune_scatter(trials: pd.DataFrame, path: str | Path) -> Path:
     """Best validation MAE of each trial against its learning rate and its dropout."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
