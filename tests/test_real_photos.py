@@ -109,9 +109,8 @@ def test_peer_lines():
     assert peer["peer"].tolist()[0] == 31.0 and np.isnan(peer["peer"].tolist()[1])
 
 
-def test_run_without_peer_counts_photos_without_a_face(tmp_path):
+def test_run_without_peer_counts_photos_without_a_face(tmp_path, facenet):
     """Blank photos and a broken file: every one is counted as no face, and the outputs are written."""
-    pytest.importorskip("facenet_pytorch")
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).write_bytes(jpeg_bytes((96, 96)))
     (tmp_path / "broken.jpg").write_bytes(b"not a photo")
