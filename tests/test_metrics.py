@@ -136,3 +136,28 @@ def test_challenge_age_holds_minors_accepted_near_the_share_on_unseen_faces():
         "estimate"]
     answer = metrics.verify_answer(metrics.challenge_age(cal, 18) - 0.1, 18, cal, 99.0)
     assert answer["verdict"] != "yes" and "accepted only above" in answer["margin_source"]
+
+
+# a hand-made calibration: estimates of 18-24 are 3 years too high to 2 years too low (90% of faces);
+# at 18 a face is accepted only with an estimate over 22 (the challenge age)
+GOLDEN_CALIBRATION = {
+    "bands": {"18-24": {"count": 50, "q0.05": -2.0, "q0.95": 3.0}},
+    "challenge": {"share": 0.05, "years_under": 5, "by_min_age": {"18": {"count": 40, "estimate": 22.0}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("age", "min_age", "verdict", "likely_range"),
+    [
+        (22.1, 18, "yes", [19.1, 24.1]),  # range clears 18, estimate just over the challenge age
+        (21.9, 18, "uncertain", [18.9, 23.9]),  # range clears 18, estimate just under the challenge age
+        (22.1, 100, "no", [19.1, 24.1]),  # the whole range under min_age
+        (19.5, 18, "uncertain", [16.5, 21.5]),  # the range reaches both sides
+    ],
+)
+def test_verify_answer_golden_verdicts(age, min_age, verdict, likely_range):
+    answer = metrics.verify_answer(age, min_age, GOLDEN_CALIBRATION, margin=12.0)
+    assert answer["verdict"] == verdict and answer["likely_range"] == pytest.approx(likely_range)
+    assert answer["is_at_least_min_age"] == {"yes": True, "no": False}.get(verdict)
+    assert answer["challenge_age"] == (22.0 if min_age == 18 else None)
+    assert "band 18-24 (n=50)" in answer["margin_source"]

@@ -12,7 +12,7 @@ from agecore.checkpoint import attach_calibration
 from agecore.evaluate import calibration
 from agecore.metrics import verify_answer
 from agecore.plots import VERDICT_COLORS
-from agecore.predictor import Predictor
+from agecore.predictor import BatchPredictor, Predictor
 from ray_jobs.predict import main
 from tests.conftest import subset, tiny_checkpoint
 
@@ -99,3 +99,32 @@ def test_a_missing_detector_is_one_line_and_exit_2_before_the_model_loads(checkp
                            "--detect-faces", "false", str(photos / "crop.png")], capture_output=True, text=True,
                           timeout=300, env=env)
     assert crop.returncode == 0 and "(as a face crop)" in crop.stdout, crop.stderr  # crops need no detector
+
+
+def test_predict_paths_gives_each_path_its_own_age(checkpoint, photos, tmp_path):
+    """The ages of a list, a bad file among them, are each image's own: a path<->age mix-up fails here."""
+    for i, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200), (230, 230, 230)]):
+        Image.new("RGB", (80, 80), colour).save(tmp_path / f"block{i}.png")
+    paths = [str(photos / "crop.png"), *(str(tmp_path / f"block{i}.png") for i in range(2)), str(photos / "notes.jpg"),
+             *(str(tmp_path / f"block{i}.png") for i in range(2, 4)), str(photos / "two.jpg")]
+    predictor = Predictor(checkpoint)
+    ages, errors = predictor.predict_paths(paths)
+    one_by_one = np.array([np.nan if p.endswith("notes.jpg") else predictor.predict(p) for p in paths])
+    np.testing.assert_allclose(ages, one_by_one, atol=1e-3, equal_nan=True)
+    assert [bool(e) for e in errors] == [p.endswith("notes.jpg") for p in paths] and errors[3].startswith("not_an_image")
+    # the untrained checkpoint still tells these images apart by more than the tolerance: swapped ages show
+    assert np.diff(np.sort(ages[np.isfinite(ages)])).min() > 2e-3, ages
+
+
+def test_batch_predictor_gives_each_face_its_own_age(checkpoint, photos, facenet):
+    """Ray Data's callable with detect_faces: each row the age ``predict_faces`` gives its face, in order."""
+    paths = [str(photos / "two.jpg"), str(photos / "notes.jpg"), str(photos / "crop.png")]
+    rows = BatchPredictor(str(checkpoint), detect_faces=True)({"path": np.array(paths, dtype=object)})
+    predictor = Predictor(checkpoint)
+    expected = [(p, k, f["age"]) for p in paths if not p.endswith("notes.jpg")
+                for k, f in enumerate(predictor.predict_faces(p, "true"))]
+    found = rows[rows["face"].notna()]
+    assert list(zip(found["path"], found["face"], strict=True)) == [(p, k) for p, k, _ in expected]
+    np.testing.assert_allclose(found["predicted_age"], [a for *_, a in expected], atol=1e-3)
+    assert len(expected) >= 3 and np.diff(np.sort([a for *_, a in expected])).min() > 2e-3  # distinct ages: a mix-up would show
+    assert rows.loc[rows["path"] == paths[1], "error"].iloc[0].startswith("not_an_image")

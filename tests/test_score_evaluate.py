@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from agecore.predictor import Predictor
 from ray_jobs.evaluate import evaluate
 from ray_jobs.score import MIN_BLOCKS_PER_ACTOR, SCHEMA, block_rows, score
 from tests.conftest import jpeg_bytes, subset, tiny_checkpoint
@@ -63,6 +64,11 @@ def test_score_gives_one_row_per_image_with_errors(checkpoint, mixed_folder, tmp
         assert np.isnan(by_name.loc[name, "predicted_age"]) and by_name.loc[name, "error"].startswith(reason)
     good = rows[~rows["path"].str.rsplit("/", n=1).str[1].isin(bad)]
     assert good["predicted_age"].notna().all() and (good["error"] == "").all()
+    # each row holds the age the library gives its own file: a path<->age mix-up in the actors changes them
+    ages, errors = Predictor(checkpoint).predict_paths(rows["path"].tolist())
+    np.testing.assert_allclose(rows["predicted_age"], ages, atol=1e-3, equal_nan=True)
+    assert [bool(e) for e in errors] == (rows["error"] != "").tolist()
+    assert np.ptp(ages[np.isfinite(ages)]) > 0.05  # the ages differ, so a mix-up would show
 
 
 @pytest.mark.parametrize("images,batch_size,actors", [(400, 64, 2), (5000, 64, 2), (10, 64, 4), (100_000, 256, 16)])
@@ -123,4 +129,12 @@ def test_evaluate_on_raw_labelled_folder_counts_bad_rows(checkpoint, faces_root,
     manifest.to_csv(tmp_path / "m.csv", index=False)
     report = evaluate(str(checkpoint), str(tmp_path / "m.csv"), str(tmp_path / "eval"), detect_faces=False)
     assert report["rows"] == 32 and report["scored"] == 30
+    # predictions.parquet: each scored path with the library's age for that file, and its true age beside it
+    preds = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    preds = preds[preds["error"] == ""]  # pyarrow-backed: a missing age is NaN, not NA, so not dropna
+    ages, _ = Predictor(checkpoint).predict_paths(preds["path"].tolist())
+    assert len(preds) == 30 and np.isfinite(ages).all()
+    np.testing.assert_allclose(preds["predicted_age"], ages, atol=1e-3)
+    truth = dict(zip(manifest["path"][:30], manifest["age"][:30].astype(float), strict=True))
+    assert preds["age"].astype(float).tolist() == [truth[p] for p in preds["path"]]
     assert report["unscored_by_reason"] == {"missing_file": 1, "bad_label": 1}

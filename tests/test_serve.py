@@ -2,6 +2,7 @@
 page in headless Chromium, and a redeploy with another checkpoint under load."""
 
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,12 +14,17 @@ from PIL import Image
 
 from agecore.checkpoint import attach_calibration, weights_digest
 from agecore.evaluate import calibration
+from agecore.metrics import fallback_margin, verify_answer
+from agecore.predictor import Predictor
 from tests.conftest import free_port, jpeg_bytes, missing, subset, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+STRICT_CHALLENGE = 15.0  # years over min_age an estimate must be to get 'yes' (serve_checkpoint's calibration)
+# HTTP answers round ages to 0.01; beyond that they must be the library's to 1e-3
+HTTP_TOL = 0.005 + 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,11 @@ def serve_checkpoint(tmp_path_factory) -> Path:
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
     rng = np.random.default_rng(0)
     true = rng.uniform(1, 90, 500)
-    attach_calibration(ckpt, calibration(true, true + rng.normal(0, 4, 500)), "test")
+    cal = calibration(true, true + rng.normal(0, 4, 500))
+    # a strict, hand-made challenge table: with errors of sd 4 the measured one never decides a verdict
+    # (a range that clears min_age puts the estimate over it too), and tests must see it decide one
+    cal["challenge"]["by_min_age"] = {str(t): {"count": 40, "estimate": t + STRICT_CHALLENGE} for t in range(8, 41)}
+    attach_calibration(ckpt, cal, "test")
     return ckpt
 
 
@@ -511,3 +521,118 @@ def test_a_missing_or_broken_detector_answers_in_the_refusal_shape(service, serv
         assert crop.status_code == 200 and crop.json()["age"] > -50  # the crop path needs no detector
     finally:
         serve.delete("no_detector")
+
+
+# -- answers pinned to the library's: same checkpoint, same images, same numbers -------------------
+
+# colours the untrained serve_checkpoint gives ages 0.1 years or more apart
+BLOCKS = [jpeg_bytes((96, 96), color=c) for c in [(0, 0, 0), (0, 255, 255), (255, 0, 0), (0, 255, 0), (255, 0, 255)]]
+
+
+def _verify(service: str, data: bytes, min_age: float, detect: str = "auto") -> dict:
+    r = requests.post(f"{service}/v1/verify?min_age={min_age:g}&detect_faces={detect}", data=data,
+                      headers={"content-type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_every_route_answers_the_librarys_ages(service, serve_checkpoint, faces_root, facenet):
+    """/v1/age, /v1/age/batch and /v1/verify give each image and each face what ``predict_faces`` gives it."""
+    predictor = Predictor(serve_checkpoint)
+    crops = [predictor.predict_faces(b, "false")[0]["age"] for b in BLOCKS]
+    # the untrained checkpoint tells the blocks apart by more than the tolerance: a mix-up of ages shows
+    assert np.diff(np.sort(crops)).min() > 2 * HTTP_TOL, crops
+    for data, age in zip(BLOCKS, crops, strict=True):
+        one = requests.post(f"{service}/v1/age?detect_faces=false", data=data, headers={"content-type": "image/jpeg"},
+                            timeout=60).json()
+        assert one["age"] == pytest.approx(age, abs=HTTP_TOL)
+    batch = requests.post(f"{service}/v1/age/batch?detect_faces=false", timeout=60,
+                          files=[("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(BLOCKS)]).json()
+    assert [r["name"] for r in batch["results"]] == [f"{i}.jpg" for i in range(len(BLOCKS))]
+    assert [r["age"] for r in batch["results"]] == pytest.approx(crops, abs=HTTP_TOL)
+
+    photo = two_face_photo(faces_root)
+    faces = predictor.predict_faces(photo)  # detect_faces=auto, as every route by default
+    assert len(faces) == 2 and abs(faces[0]["age"] - faces[1]["age"]) > 2 * HTTP_TOL
+    answer = requests.post(f"{service}/v1/age", data=photo, headers={"content-type": "image/jpeg"}, timeout=120).json()
+    assert [f["age"] for f in answer["faces"]] == pytest.approx([f["age"] for f in faces], abs=HTTP_TOL)
+    np.testing.assert_allclose([f["box"] for f in answer["faces"]], [f["box"] for f in faces], atol=0.01)
+    batch = requests.post(f"{service}/v1/age/batch", timeout=120, files=[
+        ("files", ("two.jpg", photo, "image/jpeg"))]).json()
+    assert batch["results"][0]["age"] == pytest.approx(faces[1]["age"], abs=HTTP_TOL)  # the larger face's
+    cal = json.loads((serve_checkpoint / "calibration.json").read_text())
+    margin = fallback_margin(6.0)  # serve_checkpoint's val_mae
+    verdicts = _verify(service, photo, 21)["faces"]
+    for face, found in zip(verdicts, faces, strict=True):
+        expected = verify_answer(found["age"], 21, cal, margin)
+        assert face["age"] == pytest.approx(found["age"], abs=HTTP_TOL)
+        assert face["verdict"] == expected["verdict"] and face["challenge_age"] == expected["challenge_age"]
+        assert face["likely_range"] == pytest.approx(expected["likely_range"], abs=0.11)
+
+
+def test_verdicts_over_http_are_the_librarys_and_the_challenge_age_decides(service, serve_checkpoint):
+    """Each verdict equals ``verify_answer`` on the same estimate and calibration; the three outcomes pinned."""
+    cal = json.loads((serve_checkpoint / "calibration.json").read_text())
+    margin = fallback_margin(6.0)
+    age = Predictor(serve_checkpoint).predict(face())
+    low = verify_answer(age, 18, cal, margin)["likely_range"][0]
+    # min_age 1 has no challenge age; floor(low) - 1 is cleared by the range, but the estimate is under its
+    # challenge age (min_age + STRICT_CHALLENGE); nobody's range reaches 100
+    cases = {1.0: "yes", float(np.floor(low) - 1): "uncertain", 100.0: "no"}
+    assert age < np.floor(low) - 1 + STRICT_CHALLENGE
+    for min_age, verdict in cases.items():
+        answer = _verify(service, face(), min_age, detect="false")
+        expected = verify_answer(age, min_age, cal, margin)
+        assert answer["verdict"] == expected["verdict"] == verdict, (min_age, answer, expected)
+        assert answer["is_at_least_min_age"] == expected["is_at_least_min_age"]
+        assert answer["challenge_age"] == expected["challenge_age"] and answer["age"] == pytest.approx(age, abs=HTTP_TOL)
+
+
+# -- every refusal of REFUSALS is sent by some test ------------------------------------------------
+
+
+def _undecodable_png() -> bytes:
+    """A PNG whose header is fine and whose pixel data is garbage: it opens, and fails to decode."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    start = data.find(b"IDAT") + 8
+    data[start:start + 12] = b"\xff" * 12
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("data", "error"), [(jpeg_bytes((20, 20)), "too_small"), (_undecodable_png(), "undecodable")],
+                         ids=["too_small", "undecodable"])
+def test_images_no_model_can_use_are_refused_by_reason(service, data, error):
+    for route in ("/v1/age", "/v1/verify"):  # detect_faces=auto: decoding fails before any detector is asked
+        r = requests.post(f"{service}{route}", data=data, headers={"content-type": "image/png"}, timeout=60)
+        assert r.status_code == 422 and r.json()["error"] == error, r.text
+
+
+def test_any_other_framework_refusal_is_a_bad_request():
+    """A status the service has no reason for (a 400 of Starlette's own, say) keeps the refusal shape."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    from ray_jobs.serve.http import _http_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/age", "headers": [], "query_string": b""})
+    answer = asyncio.run(_http_error(request, HTTPException(400, "bad header")))
+    assert answer.status_code == 400 and json.loads(answer.body) == {
+        "error": "bad_request", "message": "POST /v1/age: bad header"}
+
+
+def test_every_refusal_reason_is_triggered_by_a_test_of_this_module():
+    """A reason added to REFUSALS needs a test here that sends it: each reason must be a literal of this file
+    outside this test, as the expected ``error`` of some request."""
+    import ast
+
+    from ray_jobs.serve.schema import REFUSALS
+
+    tree = ast.parse(Path(__file__).read_text())
+    this = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_every_refusal"))
+    literals = {n.value for top in tree.body if top is not this for n in ast.walk(top)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert sorted(set(REFUSALS) - literals) == []

@@ -6,15 +6,19 @@ Finetune mode, with a DDP worker killed mid-run, is trained on a two-node cluste
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from agecore.checkpoint import read_history, read_meta
+from agecore.checkpoint import TRAIN_STATE, read_history, read_meta
 from agecore.config import ModelConfig, TrainConfig
+from agecore.model import create_model
 from agecore.predictor import Predictor
 from agecore.training import EarlyStopping
 from ray_jobs.evaluate import evaluate
@@ -48,6 +52,18 @@ def check_run(out, mode, epochs):
     predictor = Predictor(out / "best")
     ages = predictor.predict([Image.new("RGB", (100, 80), (120, 90, 70)), np.zeros((64, 64, 3), np.uint8)])
     assert ages.shape == (2,) and np.isfinite(ages).all()
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The newest of the checkpoints Ray Train keeps for resuming."""
+    kept = [meta.parent for meta in (out / "ray_train").rglob("checkpoint.json")]
+    return max(kept, key=lambda d: read_meta(d)["epoch"])
+
+
+def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's parameters, without batch norm's running statistics (which move at any learning rate)."""
+    names = {name for name, _ in create_model(TINY).named_parameters()}
+    return {k: v for k, v in load_file(checkpoint / "model.safetensors").items() if k in names}
 
 
 SEALED = b"not Parquet: the test split was read"
@@ -92,10 +108,15 @@ def test_partial_run_predicts_then_resumes_and_stops_early(sealed, prepared_smal
     check_test_split_unread(sealed, tmp_path)
 
     first = pd.read_csv(tmp_path / "metrics.csv")
+    # what the resumed run must start from: the last epoch's weights and optimiser state, read now because
+    # Ray Train keeps only the two best checkpoints and the resumed run may delete this one
+    saved = latest_checkpoint(tmp_path)
+    assert read_meta(saved)["epoch"] == 1
+    saved_weights, saved_state = trained_weights(saved), torch.load(saved / TRAIN_STATE, weights_only=True)
     with pytest.raises(FileExistsError, match="--resume"):
         run(sealed, tmp_path, mode="partial", epochs=3)
-    # resumed with more epochs and a stricter early stop: a learning rate too small to move the validation
-    # MAE by min_delta, so epoch 2 does not improve and the run stops there, not at epoch 5. The count of
+    # resumed with more epochs and a stricter early stop: min_delta is more than one epoch moves this tiny model's
+    # validation MAE, so epoch 2 does not improve and the run stops there, not at epoch 5. The count of
     # epochs without improvement carries over from the first run, whose epoch 1 may or may not have improved
     # (by that run's min_delta): patience is set one above that count, so epoch 2 is the last either way.
     first_stopper = EarlyStopping(patience=TrainConfig().patience, min_delta=TrainConfig().min_delta)
@@ -109,11 +130,32 @@ def test_partial_run_predicts_then_resumes_and_stops_early(sealed, prepared_smal
     resumed = pd.read_csv(tmp_path / "metrics.csv")
     pd.testing.assert_frame_equal(resumed.iloc[:2], first, check_exact=False)
     # the latest checkpoint's history continues the first run's: its rows, then the resumed epoch
-    kept = [meta.parent for meta in (tmp_path / "ray_train").rglob("checkpoint.json")]
-    latest = max(kept, key=lambda d: read_meta(d)["epoch"])
+    latest = latest_checkpoint(tmp_path)
     continued = pd.DataFrame(read_history(latest))
     assert continued["epoch"].tolist() == [0, 1, 2]
     pd.testing.assert_frame_equal(continued.iloc[:2], first, check_exact=False, check_dtype=False)
+    # the resumed epoch starts from epoch 1's weights, so it ends nearer them than the first run's initial network
+    # (the one the driver seeds) is; a resume that restored the history but not the weights starts from that
+    # network again and ends about as far away. Not equality: the resumed run keeps the first run's schedule,
+    # whose learning rate (metrics.csv) is far above the --lr of 1e-9 asked for
+    torch.manual_seed(TrainConfig().seed)
+    initial = {k: v for k, v in create_model(TINY).state_dict().items() if k in saved_weights}
+    resumed_weights = trained_weights(latest)
+    assert resumed_weights.keys() == saved_weights.keys() == initial.keys()
+    moved, trained = (torch.cat([(a[k] - b[k]).flatten() for k in saved_weights]).norm().item()
+                      for a, b in ((resumed_weights, saved_weights), (saved_weights, initial)))
+    assert moved < 0.5 * trained, (moved, trained)
+    # the optimiser and schedule count on from epoch 1's steps rather than from zero
+    per_epoch = saved_state["schedule"]["updates"] // 2  # the steps of one epoch on one worker's shard
+    state = torch.load(latest / TRAIN_STATE, weights_only=True)
+    assert per_epoch > 0 and saved_state["schedule"]["updates"] == 2 * per_epoch
+    assert {float(s["step"]) for s in saved_state["optimizer"]["state"].values()} == {2.0 * per_epoch}
+    assert state["schedule"]["updates"] == 3 * per_epoch
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {3.0 * per_epoch}
+    # best/ is the epoch of the lowest validation MAE of all three
+    best_epoch = read_meta(tmp_path / "best")["epoch"]
+    assert resumed["val_mae"].iloc[best_epoch] == resumed["val_mae"].min()
+    assert read_meta(tmp_path / "best")["metrics"]["val_mae"] == pytest.approx(resumed["val_mae"].min(), abs=1e-6)
 
     # `age evaluate` on the prepared folder reports the held-out test split, with the validation calibration
     unseal(sealed, prepared_small)
