@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -31,6 +32,8 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRETRAINED: tuple[str, ...] = get_args(Pretrained)
 
 MAX_AGE = 120.0
+# a calibration name becomes a file name (calibrations/NAME.json) and a URL parameter: plain characters only
+CALIBRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
 
@@ -239,3 +242,42 @@ class FaceDetection(_Serializable):
         _check(self.min_size >= 12, f"min_size must be >= 12 pixels (MTCNN's smallest window), got {self.min_size}")
         _check(0.0 <= self.min_fraction < 1.0, f"min_fraction must be in [0, 1), got {self.min_fraction}")
         _check(self.working_size >= 64, f"working_size must be >= 64 pixels, got {self.working_size}")
+
+
+def check_calibration_name(name: str) -> str:
+    """``name`` if it can name a calibration (letters, digits, ``_.-``, at most 64), else ``InvalidInput``.
+
+    >>> check_calibration_name("family-photos")
+    'family-photos'
+    """
+    _check(bool(CALIBRATION_NAME.match(name)) and not name.endswith(".json"),
+           f"calibration name {name!r}: use letters, digits, '_', '.' and '-' (at most 64, not ending in .json)")
+    return name
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(_Serializable):
+    """``age calibrate``: fit a named correction and verification margins on labelled photos of your people."""
+
+    checkpoint: str = field(metadata={"help": "checkpoint folder (a training run's best/); the calibration is stored in it"})
+    data: str = field(metadata={"help": (
+        "labelled uncropped photos: a manifest .csv/.parquet with path,age[,person] (paths relative to it) "
+        "or a labelled folder (labels.csv + final_files/, UTKFace names)")})
+    name: str = field(metadata={"help": "name of the calibration: calibrations/NAME.json in the checkpoint"})
+    person_from: str | None = field(default=None, metadata={"help": (
+        "who is in each photo, from its file name: prefix:N (its first N characters) or regex:PATTERN (the "
+        "first group) (default: the manifest's person column; without either, every photo counts as a "
+        "person of its own and the figures may be optimistic)")})
+    folds: int = field(default=5, metadata={"help": "person-grouped cross-validation folds"})
+    out: str | None = field(default=None, metadata={"help": (
+        "report folder: report.md, report.json, correction.png, estimates.csv, faces.parquet "
+        "(default: runs/calibrate-NAME)")})
+    format: Format = field(default="auto", metadata={"help": "layout of --data; auto tells them apart"})
+    seed: int = field(default=0, metadata={"help": "seed of the assignment of people to folds"})
+
+    def __post_init__(self) -> None:
+        check_calibration_name(self.name)
+        _check(self.folds >= 2, f"folds must be >= 2, got {self.folds}")
+        _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.person_from is None or self.person_from.startswith(("prefix:", "regex:")),
+               f"person_from must be prefix:N or regex:PATTERN, got {self.person_from!r}")

@@ -21,18 +21,21 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from agecore.checkpoint import load_checkpoint, preprocessing
+from agecore.checkpoint import load_checkpoint, preprocessing, read_calibration
 from agecore.config import FaceDetection
 from agecore.faces import UTKFACE_TEMPLATE, Face, FaceDetector, align
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.model import freeze_graph, native_bf16
+
+if TYPE_CHECKING:
+    from agecore.calibration import Correction
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class Predictor:
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     ``batch_size`` is how many images one forward pass takes; by default the faster of
     ``CPU_CHUNK_CANDIDATES`` timed at load on CPUs, ``GPU_CHUNK`` on GPUs.
+
+    ``calibration`` names a calibration stored in the checkpoint (``age calibrate``): its correction
+    applies to every age returned, and ``self.calibration`` is then its dict, whose margins draw the
+    likely ranges (``agecore.metrics.likely_range``); without it, ``self.calibration`` is the
+    checkpoint's ``calibration.json`` (None where there is none) and ages are the model's own.
     """
 
     def __init__(
@@ -75,7 +83,12 @@ class Predictor:
         threads: int | None = None,
         freeze: bool = True,
         faces: FaceDetection | None = None,
+        calibration: str | None = None,
     ) -> None:
+        # an unknown calibration name fails here, before the model is loaded or timed
+        self.calibration_name = calibration
+        self.calibration = read_calibration(checkpoint, calibration)
+        self.correction = _correction(self.calibration) if calibration else None
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -142,6 +155,7 @@ class Predictor:
             "tta_flip": self.tta_flip,
             "precision": self.precision,
             "batch_size": self.batch_size,
+            "calibration": self.calibration_name,
         }
 
     # -- preprocessing: the shared path in agecore.images -----------------------------------------
@@ -176,10 +190,15 @@ class Predictor:
         """
         photo = self.photo(image)
         faces = self.face_detector.detect(photo)
+        return faces, self.aligned(photo, faces)
+
+    def aligned(self, photo: Image.Image, faces: Sequence[Face]) -> np.ndarray:
+        """The model input of each of ``faces`` found in ``photo`` (N x S x S x 3 uint8): detections
+        do not depend on the model, so they can be kept and aligned again for another checkpoint."""
         size = self.prep.input_size
         template = self.prep.face_template or UTKFACE_TEMPLATE
         crops = [align(photo, face.landmarks, template, size, self.prep.interpolation) for face in faces]
-        return faces, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
     def no_face_message(self, image: Image.Image | None = None) -> str:
         """Why a photo gave no face: the score and size rules it was held to."""
@@ -213,7 +232,9 @@ class Predictor:
             if self.tta_flip:
                 pred = (pred + self._network(torch.flip(x, dims=[3]))) / 2
             out.append(pred.cpu().numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        ages = np.concatenate(out) if out else np.zeros(0, np.float32)
+        # every age the predictor returns goes through here: the one place a named calibration applies
+        return (self.correction.apply(ages) if self.correction else ages).astype(np.float32)
 
     @overload
     def predict(self, images: ImageLike) -> float: ...
@@ -263,6 +284,13 @@ class Predictor:
         return ages, errors
 
 
+def _correction(calibration: dict[str, Any]) -> Correction:
+    # imported on use: agecore.calibration brings the report code, which plain inference never needs
+    from agecore.calibration import Correction
+
+    return Correction.from_dict(calibration["correction"])
+
+
 class BatchPredictor:
     """A Ray Data ``map_batches`` callable class: one checkpoint load per actor, rows in, rows out.
 
@@ -277,8 +305,10 @@ class BatchPredictor:
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None,
-                 tta_flip: bool | None = None, detect_faces: bool = False, precision: str | None = None) -> None:
-        self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip, precision=precision)
+                 tta_flip: bool | None = None, detect_faces: bool = False, precision: str | None = None,
+                 calibration: str | None = None) -> None:
+        self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip, precision=precision,
+                                   calibration=calibration)
         self.detect_faces = detect_faces
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pd.DataFrame:

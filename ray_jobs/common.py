@@ -52,6 +52,12 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "with AVX512-BF16 or AMX; fp32 elsewhere)")
 
 
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration", default=None, metavar="NAME",
+                        help="correct every age with the checkpoint's calibration NAME (age calibrate stores it "
+                             "as calibrations/NAME.json) (default: the model's own estimates)")
+
+
 def init_ray(address: str | None = None, *, quiet: bool = False, metrics_port: int | None = None) -> None:
     """Connect to ``address`` or ``RAY_ADDRESS``; with neither, start a local Ray on this host.
 

@@ -7,6 +7,8 @@
 ``--data`` takes a prepared folder (its ``--split``: by default test where one is held out, else val)
 or anything ``prepare`` reads. ``--attach`` stores the signed-error quantiles per age band, measured on
 the validation split (never the test split), beside the checkpoint: the age-verification endpoint's margin.
+``--calibration NAME`` corrects every estimate with a calibration that ``age calibrate`` stored in the
+checkpoint, and draws the verification figures with its margins.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 import ray
 
 from agecore import storage
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.config import FORMATS
 from agecore.datasets import read_records, validate_labels
 from agecore.errors import InvalidInput
@@ -26,7 +28,14 @@ from agecore.evaluate import build_report, choose_calibration
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
 from agecore.prepare import resolve_split, split_dir
-from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, read_parquet, setup_logging
+from ray_jobs.common import (
+    add_calibration_argument,
+    add_precision_argument,
+    init_ray,
+    model_actor_options,
+    read_parquet,
+    setup_logging,
+)
 
 log = logging.getLogger("ray_jobs.evaluate")
 
@@ -40,15 +49,18 @@ def most_confident_face(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64, precision: str | None = None, detect_faces: bool = False) -> pd.DataFrame:
+                  batch_size: int = 64, precision: str | None = None, detect_faces: bool = False,
+                  calibration: str | None = None) -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known).
 
     ``detect_faces``: the images are uncropped photos; each is scored by its most confident face,
-    and a photo without one keeps its row with error ``no_face: ...``.
+    and a photo without one keeps its row with error ``no_face: ...``. ``calibration``: the named
+    calibration whose correction applies to every estimate.
     """
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                      "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces}
+                      "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces,
+                      "calibration": calibration}
     if storage.exists(storage.join(data, "prepare.json")):
         if detect_faces:
             raise InvalidInput(f"--detect-faces needs uncropped photos; {data} is a prepared set of face crops")
@@ -73,20 +85,26 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
 
 def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str | None = None, attach: bool = False,
              gpu: bool = False, address: str | None = None, precision: str | None = None,
-             detect_faces: bool = False) -> dict:
+             detect_faces: bool = False, calibration: str | None = None) -> dict:
     """Report on ``split`` of a prepared set (default: test where held out, else val) or on labelled
-    images; with ``detect_faces``, on labelled uncropped photos (one face each, the most confident)."""
+    images; with ``detect_faces``, on labelled uncropped photos (one face each, the most confident);
+    with ``calibration``, on estimates corrected by that named calibration (and its margins)."""
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
+    named = _named_calibration(checkpoint, calibration, attach)  # and on a calibration it does not hold
     if detect_faces:
         require_mtcnn()  # and so does a missing face detector
     split = resolve_split(data, split)
     init_ray(address)
-    table = predict_table(checkpoint, data, fmt, split or "val", gpu, precision=precision, detect_faces=detect_faces)
+    table = predict_table(checkpoint, data, fmt, split or "val", gpu, precision=precision, detect_faces=detect_faces,
+                          calibration=calibration)
 
     def validation() -> pd.DataFrame:  # the calibration set: never the test split being reported
         return table if split == "val" else predict_table(checkpoint, data, fmt, "val", gpu, precision=precision)
 
-    cal, note = choose_calibration(checkpoint, data, split, table, validation if split else None, attach)
+    if named is not None:
+        cal, note = named
+    else:
+        cal, note = choose_calibration(checkpoint, data, split, table, validation if split else None, attach)
     with storage.output_dir(out) as local:
         table.to_parquet(local / "predictions.parquet", index=False)
         report = build_report(table, local, meta, split=split, calibration=cal, calibration_note=note)
@@ -96,6 +114,19 @@ def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str
              report["unscored"], out)
     log.info("verification figures: calibration %s", note)
     return report
+
+
+def _named_calibration(checkpoint: str, name: str | None, attach: bool) -> tuple[dict, str] | None:
+    """The named calibration and the report's sentence about it, or None where none is named."""
+    if name is None:
+        return None
+    if attach:
+        raise InvalidInput("--attach measures the model's own margins; it does not go with --calibration")
+    cal = read_calibration(checkpoint, name)
+    note = (f"the checkpoint's calibration {name!r} (age calibrate, on {cal.get('data', 'an unrecorded set')}): "
+            "its correction applies to every estimate, its margins draw the likely ranges; on its own photos "
+            "these figures are in-sample")
+    return cal, note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: score each by its most confident face (MTCNN, aligned like the "
                         "training crops); photos without a face are counted and listed (no_face.csv)")
+    add_calibration_argument(p)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p
 
@@ -121,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return evaluate(args.checkpoint, args.data, args.out, args.format, args.split, args.attach, args.gpu, args.address,
-                    args.precision, args.detect_faces)
+                    args.precision, args.detect_faces, args.calibration)
 
 
 if __name__ == "__main__":

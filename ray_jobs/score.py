@@ -35,11 +35,17 @@ import pyarrow.parquet as pq
 import ray
 
 from agecore import storage
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.datasets import list_images
 from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
-from ray_jobs.common import add_precision_argument, init_ray, model_actor_options, setup_logging
+from ray_jobs.common import (
+    add_calibration_argument,
+    add_precision_argument,
+    init_ray,
+    model_actor_options,
+    setup_logging,
+)
 
 log = logging.getLogger("ray_jobs.score")
 
@@ -146,7 +152,7 @@ def _open_output(out: str, schema: pa.Schema) -> tuple[pyarrow.fs.FileSystem, st
 
 def _predictions(
     todo: list[str], checkpoint: str, batch_size: int, concurrency: int | None, gpu: bool, detect_faces: bool,
-    precision: str | None,
+    precision: str | None, calibration: str | None = None,
 ) -> tuple[ray.data.Dataset, int, int]:
     """The scored rows of ``todo`` (lazy), and the predictor actors and threads that compute them."""
     # nothing but the predictor actors runs on the cluster here: one single-thread actor per CPU
@@ -157,7 +163,7 @@ def _predictions(
         BatchPredictor,
         fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                                "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces,
-                               "precision": precision},
+                               "precision": precision, "calibration": calibration},
         batch_size=rows, batch_format="numpy", **options,
     )
     return scored, actors, threads
@@ -188,9 +194,13 @@ def _summary(input: str, paths: list[str], todo: list[str], counts: Counter, act
 
 def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
-          detect_faces: bool = False, precision: str | None = None) -> dict:
-    """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did."""
+          detect_faces: bool = False, precision: str | None = None, calibration: str | None = None) -> dict:
+    """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did.
+
+    ``calibration`` names a calibration stored in the checkpoint (``age calibrate``): every age is corrected.
+    """
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
+    read_calibration(checkpoint, calibration)  # and so does a calibration it does not hold
     if detect_faces:
         require_mtcnn()  # and so does a missing face detector
     schema = FACES_SCHEMA if detect_faces else SCHEMA
@@ -203,7 +213,7 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
     if todo:
         init_ray(address)
         scored, actors, threads = _predictions(todo, checkpoint, batch_size, concurrency, gpu, detect_faces,
-                                               precision)
+                                               precision, calibration)
         batches = scored.iter_batches(batch_size=rows_per_part, batch_format="pandas")
         for i, batch in enumerate(_whole_photos(batches) if detect_faces else batches):
             _write_part(fs, root, batch, i, schema)
@@ -228,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_argument(p)
     p.add_argument("--detect-faces", action="store_true",
                    help="uncropped photos: find the faces (MTCNN) and write one row per face")
+    add_calibration_argument(p)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p
 
@@ -236,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return score(args.checkpoint, args.input, args.out, args.batch_size, args.concurrency, args.gpu,
-                 address=args.address, detect_faces=args.detect_faces, precision=args.precision)
+                 address=args.address, detect_faces=args.detect_faces, precision=args.precision,
+                 calibration=args.calibration)
 
 
 if __name__ == "__main__":
