@@ -116,7 +116,9 @@ def _unclipped(kind: str, p: dict[str, Any], ages: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return p["slope"] * ages + p["intercept"]
     if kind == "log-linear":
-        return np.expm1(p["slope"] * np.log1p(np.maximum(ages, 0.0)) + p["intercept"])
+        # capped at the oldest label before exp: the same ages after the clip, without an overflow
+        log_age = np.minimum(p["slope"] * np.log1p(np.maximum(ages, 0.0)) + p["intercept"], np.log1p(MAX_AGE))
+        return np.expm1(log_age)
     x, y = np.asarray(p["x"], float), np.asarray(p["y"], float)
     # past its ends the step curve goes on at slope one: no clamping of ages it never saw
     return np.interp(ages, x, y) + np.minimum(ages - x[0], 0.0) + np.maximum(ages - x[-1], 0.0)

@@ -158,3 +158,56 @@ def test_score_refuses_an_unknown_calibration_before_starting_ray(checkpoint, tm
     monkeypatch.setattr(ray_jobs.score, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     with pytest.raises(MissingInput, match="no calibration named"):
         ray_jobs.score.score(str(checkpoint), str(tmp_path), str(tmp_path / "out"), calibration="nope")
+
+
+def test_age_calibrate_writes_its_report_and_stores_the_calibration(checkpoint, tmp_path, monkeypatch):
+    """The job end to end on a tiny checkpoint; face detection is replaced by a face at the training layout."""
+    import ray_jobs.calibrate as job
+    from agecore.faces import UTKFACE_TEMPLATE
+    from agecore.predictor import Predictor
+
+    people = calib.MIN_PEOPLE + 2
+    per_person = -(-calib.MIN_PHOTOS // people) + 1
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(people):
+        for k in range(per_person):
+            name = f"{p:03d}A{k:02d}.jpg"
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(photos / name)
+            rows.append({"path": f"photos/{name}", "age": 2 + 5 * k + p % 3})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+
+    def fake_detect(paths, detect, no_face_message):
+        landmarks = [v * 96 for point in UTKFACE_TEMPLATE for v in point]
+        return pd.DataFrame({"path": paths, "faces_found": 1, "box": [[0.0, 0.0, 96.0, 96.0]] * len(paths),
+                             "face_score": 0.99, "landmarks": [landmarks] * len(paths),
+                             "error": ["no_face: none found" if p.endswith("000A00.jpg") else "" for p in paths]})
+
+    monkeypatch.setattr(job, "detect_photos", fake_detect)
+    monkeypatch.setattr(job, "require_mtcnn", lambda: None)
+    out = tmp_path / "report"
+    report = job.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "manifest.csv"), "--name", "mine",
+                       "--person-from", "prefix:3", "--out", str(out)])
+    assert {"report.md", "report.json", "correction.png", "estimates.csv", "faces.parquet"} <= {f.name for f in out.iterdir()}
+    assert report["photos"]["without_face"] == 1 and report["photos"]["used"] == people * per_person - 1
+    assert report["grouping"]["people"] == people and "warning" not in report["grouping"]
+    assert {r["threshold"] for r in report["after"]["thresholds"]} == {13, 16, 18, 21, 25}
+    stored = read_calibration(checkpoint, "mine")
+    assert stored["people"] == people and stored["folds"] == 5 and stored["source"] == "age calibrate"
+    estimates = pd.read_csv(out / "estimates.csv")
+    assert estimates["calibrated_age"].isna().sum() == 1  # the photo without a face: listed, not scored
+    assert Predictor(checkpoint, batch_size=4, calibration="mine").identity["calibration"] == "mine"
+
+
+def test_evaluate_refuses_an_unknown_calibration_before_starting_ray(checkpoint, tmp_path, monkeypatch):
+    import ray_jobs.evaluate
+
+    monkeypatch.setattr(ray_jobs.evaluate, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    with pytest.raises(MissingInput, match="no calibration named"):
+        ray_jobs.evaluate.evaluate(str(checkpoint), str(tmp_path), str(tmp_path / "out"), calibration="nope")
+    save_calibration(checkpoint, "mine", {"correction": {"kind": "none"}})
+    with pytest.raises(InvalidInput, match="--attach"):
+        ray_jobs.evaluate.evaluate(str(checkpoint), str(tmp_path), str(tmp_path / "out"), attach=True,
+                                   calibration="mine")
