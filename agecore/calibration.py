@@ -528,14 +528,21 @@ def _photos_md(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _params_md(correction: dict[str, Any]) -> str:
+    params = correction["params"]
+    if correction["kind"] == "isotonic":
+        return f"{len(params['x'])} steps"
+    return ", ".join(f"{k} {v:g}" for k, v in params.items()) or "no parameters"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: what was fitted, and before/after figures on people left out of each fit."""
     c, sel = report["correction"], report["selection"]
     before, after = report["before"], report["after"]
     cv = ", ".join(f"{k} {v:.2f}" for k, v in sel["left_out_mae"].items())
     parts = [f"# Calibration `{report['name']}`", "", *_photos_md(report),
-             f"Correction stored in `{report['stored']}`: **{c['kind']}** {c['params'] if c['kind'] != 'isotonic' else ''} "
-             f"shrink {c['shrink']:.2f} ({sel['rule']}; left-out MAE by kind: {cv}).", "",
+             f"Correction stored in `{report['stored']}`: **{c['kind']}** ({_params_md(c)}), shrink "
+             f"{c['shrink']:.2f}; chosen as the {sel['rule']} (left-out MAE by kind: {cv}).", "",
              "Every figure after calibration comes from people left out of its fit: the whole procedure "
              "(choice, fit, margins) is fitted on the other folds' people, and the folds are pooled.", "",
              *_headline_md(before, after), "## Bias per band of true age", "", *_bands_md(before, after),
