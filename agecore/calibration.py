@@ -12,9 +12,10 @@ the estimate from labelled photos of the user's own people:
     log-linear  exp(a * log(1 + estimate) + b) - 1            (linear in log-age: errors grow with age)
     isotonic    any increasing step curve (pool-adjacent-violators on medians), identity slope past its ends
 
-The kind is chosen by person-grouped K-fold cross-validation (MAE on people left out): the simplest
-kind within one standard error of the best, so that a small set keeps to ``none``; and the chosen
-correction is shrunk toward ``none`` by how sure that choice is (``shrink``). The likely-range
+The kind is chosen by person-grouped K-fold cross-validation: the lowest MAE on the people left
+out. The chosen correction is then shrunk toward ``none`` by how uncertain it is (``shrinkage``: its
+change of the estimates against the grouped-jackknife variance of that change), so that a correction
+fitted on few people keeps only part of its change. The likely-range
 quantiles and challenge ages (``agecore.evaluate.calibration``) are then measured on the corrected
 out-of-fold estimates, with thin estimate bands pooled with their neighbours.
 
@@ -326,26 +327,32 @@ def clustered_se(diff: np.ndarray, groups: np.ndarray) -> float:
 
 
 def choose_correction(raw: np.ndarray, true: np.ndarray, groups: np.ndarray, folds: np.ndarray,
-                      kinds: Sequence[str] = KINDS) -> tuple[str, float, dict[str, Any]]:
-    """The kind to fit, its shrink toward ``none``, and the cross-validation table behind the choice.
-
-    The simplest kind whose left-out MAE is within one (person-clustered) standard error of the best;
-    ``shrink = g^2 / (g^2 + s^2)`` for its gain ``g`` over ``none`` with standard error ``s``: a gain
-    well above its noise keeps the whole correction, a doubtful one keeps a part of it.
-    """
+                      kinds: Sequence[str] = KINDS, within_se: float = 0.0) -> tuple[str, dict[str, Any]]:
+    """The kind to fit and the cross-validation table behind the choice: the kind with the lowest
+    left-out MAE, or with ``within_se`` the simplest within that many (person-clustered) standard
+    errors of it. Small sets are guarded by ``shrinkage`` and the refusal below ``MIN_PEOPLE``."""
     abs_err = {k: np.abs(out_of_fold(k, raw, true, folds) - true) for k in kinds}
     mae = {k: float(e.mean()) for k, e in abs_err.items()}
     best = min(mae, key=mae.__getitem__)
     se = {k: clustered_se(abs_err[k] - abs_err[best], groups) for k in kinds}
-    chosen = next(k for k in kinds if mae[k] - mae[best] <= se[k])
-    gain = mae["none"] - mae[chosen] if "none" in mae else 0.0
-    gain_se = clustered_se(abs_err["none"] - abs_err[chosen], groups) if "none" in mae else 0.0
-    shrink = gain**2 / (gain**2 + gain_se**2) if gain > 0 else 0.0
-    table = {"rule": "simplest kind within one person-clustered standard error of the lowest left-out MAE",
-             "left_out_mae": {k: round(v, 4) for k, v in mae.items()},
-             "excess_se": {k: round(v, 4) for k, v in se.items()},
-             "gain_over_none": round(gain, 4), "gain_se": round(gain_se, 4)}
-    return chosen, (shrink if chosen != "none" else 1.0), table
+    chosen = next(k for k in kinds if mae[k] - mae[best] <= within_se * se[k])
+    rule = (f"simplest kind within {within_se:g} person-clustered standard error of the lowest left-out MAE"
+            if within_se else "lowest left-out MAE")
+    return chosen, {"rule": rule, "left_out_mae": {k: round(v, 4) for k, v in mae.items()},
+                    "excess_se": {k: round(v, 4) for k, v in se.items()}}
+
+
+def shrinkage(kind: str, raw: np.ndarray, true: np.ndarray, folds: np.ndarray) -> float:
+    """How much of a ``kind`` correction to keep: ``c^2 / (c^2 + v)``, with ``c^2`` its mean squared
+    change of the estimates and ``v`` the grouped-jackknife variance of that change over the folds'
+    fits. A change well above its own noise is kept whole; an uncertain one (few people) shrinks."""
+    fits = [fit_correction(kind, raw[folds != f], true[folds != f]).apply(raw) for f in np.unique(folds)]
+    if kind == "none" or len(fits) < 2:
+        return 1.0
+    change = fit_correction(kind, raw, true).apply(raw) - raw
+    variance = (len(fits) - 1) * np.mean(np.var(np.stack(fits), axis=0))
+    size = float(np.mean(change**2))
+    return size / (size + variance) if size > 0 else 1.0
 
 
 def pooled_margins(true: np.ndarray, pred: np.ndarray, min_count: int = MIN_BAND_PHOTOS) -> dict[str, Any]:
@@ -378,7 +385,8 @@ def fit_calibration(true: np.ndarray, raw: np.ndarray, groups: np.ndarray, folds
     if check:
         check_counts(len(true), people, folds)
     fold = grouped_folds(groups, min(folds, people), seed)
-    kind, shrink, selection = choose_correction(raw, true, groups, fold)
+    kind, selection = choose_correction(raw, true, groups, fold)
+    shrink = shrinkage(kind, raw, true, fold)
     correction = Correction(kind, fit_correction(kind, raw, true).params, shrink)
     # margins from estimates whose correction never saw their person: those of a new photo
     held_out = raw + shrink * (out_of_fold(kind, raw, true, fold) - raw)

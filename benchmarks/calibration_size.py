@@ -8,8 +8,8 @@ one row per photo). Each draw shuffles the people, keeps ``--held-out`` of them 
 ``agecore.calibration.fit_calibration`` (cross-validated choice and shrink, without the size check) on
 the first n of the others. Per n: the photos fitted on, the mean change of MAE and of |bias| on the
 held-out people against the raw estimates (mean and worst draw), and the share of draws where the
-calibration made the held-out MAE worse. Below some n, cross-validation cannot tell the correction
-from noise in some draws and keeps to ``none`` (a worst change of 0): the smallest n whose
+calibration made the held-out MAE worse. Below some n, the cross-validated choice fitted on so few
+people sometimes does worse than the raw estimates for new people: the smallest n whose
 calibration lowered the held-out MAE in every draw is the floor that
 ``agecore.calibration.MIN_PEOPLE`` keeps.
 """
