@@ -7,6 +7,7 @@ A checkpoint is a folder::
     history.json        from training: the metrics of every epoch up to this one, how it was reached
     train_state.pt      optimiser/scheduler/early-stopping state for resuming (weights_only load)
     calibration.json    optional: signed-error quantiles per age band (written by evaluate --attach)
+    calibrations/       optional: NAME.json, corrections fitted on a user's own photos (``age calibrate``)
 
 Training saves with ``save_checkpoint`` and resumes with ``restore``; inference loads with
 ``load_checkpoint``; ``copy_checkpoint`` exports a checkpoint without its train state (the
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import safetensors.torch
 import torch
 
 from agecore import __version__, storage
-from agecore.config import ModelConfig, Preprocessing
+from agecore.config import ModelConfig, Preprocessing, check_calibration_name
 from agecore.errors import InvalidInput, MissingInput
 from agecore.model import AgeRegressor, create_model
 
@@ -36,6 +38,7 @@ META = "checkpoint.json"
 HISTORY = "history.json"
 TRAIN_STATE = "train_state.pt"
 CALIBRATION = "calibration.json"
+CALIBRATIONS = "calibrations"
 FORMAT, FORMAT_VERSION = "agecore-checkpoint", 1
 
 
@@ -184,10 +187,37 @@ def attach_calibration(checkpoint: str | Path, cal: dict[str, Any], source: str,
     return path
 
 
-def read_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
-    """The checkpoint's calibration.json (what ``/v1/verify`` answers with), or None."""
-    path = storage.join(checkpoint, CALIBRATION)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+def save_calibration(checkpoint: str | Path, name: str, cal: dict[str, Any]) -> str:
+    """Store ``cal`` (``agecore.calibration.fit_calibration`` and its provenance) as ``calibrations/NAME.json``."""
+    folder = storage.join(checkpoint, CALIBRATIONS)
+    fs, inner = storage.filesystem(folder)
+    fs.create_dir(inner, recursive=True)
+    path = storage.join(folder, f"{check_calibration_name(name)}.json")
+    storage.write_text(path, json.dumps({"name": name, **cal}, indent=2) + "\n")
+    return path
+
+
+def calibration_names(checkpoint: str | Path) -> list[str]:
+    """The names of the checkpoint's stored calibrations (``calibrations/NAME.json``), sorted."""
+    fs, folder = storage.filesystem(storage.join(checkpoint, CALIBRATIONS))
+    if fs.get_file_info(folder).type != pyarrow.fs.FileType.Directory:
+        return []
+    files = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    return sorted(f.base_name.removesuffix(".json") for f in files if f.base_name.endswith(".json"))
+
+
+def read_calibration(checkpoint: str | Path, name: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint's calibration.json (what ``/v1/verify`` answers with), or None; with ``name``, the
+    named calibration ``calibrations/NAME.json``, or ``MissingInput`` naming the ones it holds."""
+    if name is None:
+        path = storage.join(checkpoint, CALIBRATION)
+        return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    path = storage.join(checkpoint, CALIBRATIONS, f"{check_calibration_name(name)}.json")
+    if not storage.exists(path):
+        names = calibration_names(checkpoint)
+        held = f"it holds {', '.join(names)}" if names else "it holds none (age calibrate stores one)"
+        raise MissingInput(f"checkpoint {checkpoint} has no calibration named {name!r}: {held}")
+    return json.loads(storage.read_text(path))
 
 
 def preprocessing(meta: dict[str, Any]) -> Preprocessing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -35,6 +36,9 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRETRAINED: tuple[str, ...] = get_args(Pretrained)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DETECT_FACES: tuple[str, ...] = get_args(DetectFaces)
+CALIBRATION_HELP = ("correct every age with the checkpoint's calibration NAME, and take the likely ranges and "
+                    "challenge ages from it (age calibrate stores it as calibrations/NAME.json) (default: the "
+                    "model's own estimates and the checkpoint's calibration.json)")
 DETECT_FACES_HELP = ("auto: a face crop framed like the training crops is used as it is, and any other photo has its "
                      "faces found (MTCNN) and aligned like the training crops; true: faces are always found; false: "
                      "each image is a face crop (the fast path for pre-cropped data)")
@@ -42,6 +46,8 @@ PRECISION_HELP = ("inference precision (default: bf16 where the device runs it n
                   "AVX512-BF16 or AMX; fp32 elsewhere)")
 
 MAX_AGE = 120.0
+# a calibration name becomes a file name (calibrations/NAME.json) and a URL parameter: plain characters only
+CALIBRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
 
@@ -288,6 +294,7 @@ class ServeConfig(_Serializable):
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved for each replica"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs reserved for each replica (1: one GPU each)"})
     max_body_mb: float = field(default=10.0, metadata={"help": "largest request body in MiB, counted while reading"})
+    calibration: str | None = field(default=None, metadata={"help": CALIBRATION_HELP})
 
     def __post_init__(self) -> None:
         _check(self.precision in (None, *PRECISIONS), f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -315,3 +322,42 @@ class ServeConfig(_Serializable):
                                     "target_ongoing_requests": self.target_ongoing_requests}})
         return {**scaling, "max_ongoing_requests": self.max_ongoing_requests,
                 "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+
+
+def check_calibration_name(name: str) -> str:
+    """``name`` if it can name a calibration (letters, digits, ``_.-``, at most 64), else ``InvalidInput``.
+
+    >>> check_calibration_name("family-photos")
+    'family-photos'
+    """
+    _check(bool(CALIBRATION_NAME.match(name)) and not name.endswith(".json"),
+           f"calibration name {name!r}: use letters, digits, '_', '.' and '-' (at most 64, not ending in .json)")
+    return name
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(_Serializable):
+    """``age calibrate``: fit a named correction and verification margins on labelled photos of your people."""
+
+    checkpoint: str = field(metadata={"help": "checkpoint folder (a training run's best/); the calibration is stored in it"})
+    data: str = field(metadata={"help": (
+        "labelled uncropped photos: a manifest .csv/.parquet with path,age[,person] (paths relative to it) "
+        "or a labelled folder (labels.csv + final_files/, UTKFace names)")})
+    name: str = field(metadata={"help": "name of the calibration: calibrations/NAME.json in the checkpoint"})
+    person_from: str | None = field(default=None, metadata={"help": (
+        "who is in each photo, from its file name: prefix:N (its first N characters) or regex:PATTERN (the "
+        "first group) (default: the manifest's person column; without either, every photo counts as a "
+        "person of its own and the figures may be optimistic)")})
+    folds: int = field(default=5, metadata={"help": "person-grouped cross-validation folds"})
+    out: str | None = field(default=None, metadata={"help": (
+        "report folder: report.md, report.json, correction.png, estimates.csv, faces.parquet "
+        "(default: runs/calibrate-NAME)")})
+    format: Format = field(default="auto", metadata={"help": "layout of --data; auto tells them apart"})
+    seed: int = field(default=0, metadata={"help": "seed of the assignment of people to folds"})
+
+    def __post_init__(self) -> None:
+        check_calibration_name(self.name)
+        _check(self.folds >= 2, f"folds must be >= 2, got {self.folds}")
+        _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.person_from is None or self.person_from.startswith(("prefix:", "regex:")),
+               f"person_from must be prefix:N or regex:PATTERN, got {self.person_from!r}")

@@ -235,11 +235,27 @@ def verification_rates(
     >>> r["false_positive_rate"], r["false_negative_rate"], r["uncertain"]
     (0.5, 0.0, 0.3333)
     """
-    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    return rates_of_verdicts(true, verdicts_by_threshold(pred, calibration, margin, thresholds))
+
+
+def verdicts_by_threshold(
+    pred: np.ndarray, calibration: dict[str, Any] | None, margin: float, thresholds: tuple[float, ...]
+) -> dict[float, np.ndarray]:
+    """``/v1/verify``'s verdict on each estimate at each threshold (``verdicts`` with the likely range and
+    challenge age of ``calibration``)."""
+    pred = np.asarray(pred, dtype=float)
     low, high = likely_range(pred, calibration, margin)
+    return {t: verdicts(low, high, t, pred, challenge_age(calibration, t)) for t in thresholds}
+
+
+def rates_of_verdicts(true: np.ndarray, verdicts_at: dict[float, np.ndarray]) -> list[dict[str, Any]]:
+    """The rows of ``verification_rates`` from verdicts already drawn, one array per threshold.
+
+    Verdicts drawn under several calibrations (one per cross-validation fold) pool into one table here.
+    """
+    true = np.asarray(true, dtype=float)
     rows = []
-    for t in thresholds:
-        verdict = verdicts(low, high, t, pred, challenge_age(calibration, t))
+    for t, verdict in verdicts_at.items():
         under, over = true < t, true >= t
         near = under & (true >= t - NEAR_THRESHOLD_YEARS)
         yes, no, unsure = verdict == "yes", verdict == "no", verdict == "uncertain"
@@ -263,8 +279,13 @@ def range_coverage(
     >>> c["overall"], c["per_band"][3]["by_estimate"], c["per_band"][4]["by_true_age"]
     (0.6667, 1.0, 0.0)
     """
+    low, high = likely_range(np.asarray(pred, dtype=float), calibration, margin)
+    return coverage_of_ranges(true, pred, low, high)
+
+
+def coverage_of_ranges(true: np.ndarray, pred: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, Any]:
+    """``range_coverage`` of likely ranges already drawn (``low``, ``high``), as for pooled folds."""
     true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
-    low, high = likely_range(pred, calibration, margin)
     inside = (low <= true) & (true <= high)
     by_estimate, by_true = estimate_band(pred), age_band(true)
     rows = []

@@ -181,4 +181,24 @@ def annotate_faces(photo: Image.Image, faces: Sequence[dict], path: str | Path) 
         draw.rectangle((left - line, top - line, right + line, bottom), fill=colour)
         draw.text((x1, y1), label, fill="white", font=font, anchor="lb")
     image.save(path)
+
+
+def correction_curve(raw: np.ndarray, true: np.ndarray, grid: np.ndarray, corrected: np.ndarray, path: str | Path,
+                     title: str) -> Path:
+    """True age against the model's raw estimate of each photo, with the identity and the fitted correction."""
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.scatter(raw, true, s=6, alpha=0.4, label=f"photos (n={len(raw)})")
+    hi = float(max(np.max(raw), np.max(true), np.max(grid), 1)) + 2
+    ax.plot([0, hi], [0, hi], color="black", linewidth=1, linestyle="--", label="no correction")
+    ax.plot(grid, corrected, color="tab:red", linewidth=2, label="correction")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("raw estimate (years)")
+    ax.set_ylabel("true age / corrected estimate (years)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return Path(path)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from agecore.faces import (
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.metrics import fallback_margin, likely_range, verify_answer
 from agecore.model import freeze_graph, native_bf16
+
+if TYPE_CHECKING:
+    from agecore.calibration import Correction
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,11 @@ class Predictor:
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     ``batch_size`` is how many images one forward pass takes; by default the faster of
     ``CPU_CHUNK_CANDIDATES`` timed at load on CPUs, ``GPU_CHUNK`` on GPUs.
+
+    ``calibration`` names a calibration stored in the checkpoint (``age calibrate``): its correction
+    applies to every age returned, and ``self.calibration`` is then its dict, whose margins draw the
+    likely ranges (``agecore.metrics.likely_range``); without it, ``self.calibration`` is the
+    checkpoint's ``calibration.json`` (None where there is none) and ages are the model's own.
     """
 
     def __init__(
@@ -85,7 +93,12 @@ class Predictor:
         threads: int | None = None,
         freeze: bool = True,
         faces: FaceDetection | None = None,
+        calibration: str | None = None,
     ) -> None:
+        # an unknown calibration name fails here, before the model is loaded or timed
+        self.calibration_name = calibration
+        self.calibration = read_calibration(checkpoint, calibration)
+        self.correction = _correction(self.calibration) if calibration else None
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -151,6 +164,7 @@ class Predictor:
             "tta_flip": self.tta_flip,
             "precision": self.precision,
             "version": __version__,
+            "calibration": self.calibration_name,
         }
 
     # -- preprocessing: the shared path in agecore.images -----------------------------------------
@@ -190,13 +204,19 @@ class Predictor:
             raise ValueError(f"face_crops detects faces: detect_faces must be 'auto' or 'true', got {detect_faces!r}")
         photo = self.photo(image)
         faces = self.face_detector.detect(photo, pad=CROP_PAD)
+        return self.crops_of(photo, faces, detect_faces)
+
+    def crops_of(self, photo: Image.Image, faces: Sequence[Face],
+                 detect_faces: DetectFaces = "auto") -> tuple[list[Face], np.ndarray]:
+        """``face_crops`` of faces already found in ``photo`` (``FaceDetector.detect(photo, pad=CROP_PAD)``):
+        detections do not depend on the model, so they can be kept and used again with another checkpoint."""
         size = self.prep.input_size
         template = self.prep.face_template or UTKFACE_TEMPLATE
         if detect_faces == "auto" and faces and is_face_crop(main := largest(faces), photo.size, template):
             whole = Face((0.0, 0.0, float(photo.width), float(photo.height)), main.score, main.landmarks, aligned=False)
             return [whole], np.stack([self.preprocess(photo)])
         crops = [align(photo, face.landmarks, template, size, self.prep.interpolation) for face in faces]
-        return faces, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        return list(faces), np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
     def no_face_message(self, image: Image.Image | None = None) -> str:
         """Why a photo gave no face: the score and size rules it was held to."""
@@ -230,7 +250,9 @@ class Predictor:
             if self.tta_flip:
                 pred = (pred + self._network(torch.flip(x, dims=[3]))) / 2
             out.append(pred.cpu().numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        ages = np.concatenate(out) if out else np.zeros(0, np.float32)
+        # every age the predictor returns goes through here: the one place a named calibration applies
+        return (self.correction.apply(ages) if self.correction else ages).astype(np.float32)
 
     @overload
     def predict(self, images: ImageLike) -> float: ...
@@ -271,11 +293,6 @@ class Predictor:
                 for face, age in zip(faces, ages, strict=True)]
 
     # -- the answers of the HTTP API -----------------------------------------------------------------
-
-    @functools.cached_property
-    def calibration(self) -> dict[str, Any] | None:
-        """The checkpoint's calibration (``calibration.json``): the likely ranges and challenge ages."""
-        return read_calibration(self.checkpoint)
 
     @property
     def margin(self) -> float:
@@ -323,6 +340,13 @@ class Predictor:
         return ages, errors
 
 
+def _correction(calibration: dict[str, Any]) -> Correction:
+    # imported on use: agecore.calibration brings the report code, which plain inference never needs
+    from agecore.calibration import Correction
+
+    return Correction.from_dict(calibration["correction"])
+
+
 class BatchPredictor:
     """A Ray Data ``map_batches`` callable class: one checkpoint load per actor, rows in, rows out.
 
@@ -338,8 +362,10 @@ class BatchPredictor:
     """
 
     def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None,
-                 tta_flip: bool | None = None, detect_faces: bool | str = False, precision: str | None = None) -> None:
-        self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip, precision=precision)
+                 tta_flip: bool | None = None, detect_faces: bool | str = False, precision: str | None = None,
+                 calibration: str | None = None) -> None:
+        self.predictor = Predictor(checkpoint, device, threads=threads, tta_flip=tta_flip, precision=precision,
+                                   calibration=calibration)
         self.detect_faces = detect_mode(detect_faces)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pd.DataFrame:

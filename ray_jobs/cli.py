@@ -4,6 +4,7 @@
     age train    --prepared runs/prepared --out runs/train
     age evaluate --checkpoint runs/train/best --data runs/prepared --out runs/eval
     age tune     --prepared runs/prepared --out runs/tune --samples 16
+    age calibrate --checkpoint runs/train/best --data photos/manifest.csv --name mine --person-from prefix:3
     age score    --checkpoint runs/train/best --input photos/ --out runs/scores
     age serve    --checkpoint runs/train/best
     age predict  --checkpoint runs/train/best photo.jpg
@@ -18,7 +19,7 @@ from typing import Any
 
 from agecore.errors import UserError
 
-STAGES = ("quickstart", "prepare", "train", "tune", "evaluate", "score", "serve", "predict")
+STAGES = ("quickstart", "prepare", "train", "tune", "evaluate", "calibrate", "score", "serve", "predict")
 USER_ERROR_STATUS = 2  # argparse's status for a bad option: every user error exits the same way
 
 

@@ -8,6 +8,8 @@
 or anything ``prepare`` reads; images that are not a prepared set go through the photo rule of
 ``--detect-faces`` (default ``auto``: crops as they are, faces found in any other photo). ``--attach`` stores the signed-error quantiles per age band, measured on
 the validation split (never the test split), beside the checkpoint: the age-verification endpoint's margin.
+``--calibration NAME`` corrects every estimate with a calibration that ``age calibrate`` stored in the
+checkpoint, and draws the verification figures with its margins.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 import ray
 
 from agecore import storage
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.config import FORMATS, detect_mode
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
 from agecore.errors import InvalidInput
@@ -35,7 +37,7 @@ from ray_jobs.common import (
     read_parquet,
     setup_logging,
 )
-from ray_jobs.options import add_detect_faces_argument
+from ray_jobs.options import add_calibration_argument, add_detect_faces_argument
 
 log = logging.getLogger("ray_jobs.evaluate")
 
@@ -49,12 +51,14 @@ def most_confident_face(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64, precision: str | None = None, detect_faces: bool | str = "auto") -> pd.DataFrame:
+                  batch_size: int = 64, precision: str | None = None, detect_faces: bool | str = "auto",
+                  calibration: str | None = None) -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known).
 
     ``detect_faces`` ``auto`` or ``true`` on images (not a prepared set): each is scored by its most
     confident face (a face crop, with ``auto``, as it is), and a photo without one keeps its row
-    with error ``no_face: ...``. A prepared set is face crops by construction.
+    with error ``no_face: ...``. A prepared set is face crops by construction. ``calibration``: the
+    named calibration whose correction applies to every estimate.
     """
     detect_faces = detect_mode(detect_faces)
     prepared = is_prepared(data)
@@ -63,7 +67,8 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
     detect_faces = "false" if prepared else detect_faces
     options, threads = model_actor_options(gpu)
     predictor_args = {"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
-                      "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces}
+                      "device": "cuda" if gpu else "cpu", "precision": precision, "detect_faces": detect_faces,
+                      "calibration": calibration}
     if prepared:
         ds = read_parquet(split_dir(data, split))
         keep = [c for c in ("path", "age", "gender", "race", "image") if c in ds.columns()]
@@ -86,20 +91,26 @@ def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "v
 
 def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str | None = None, attach: bool = False,
              gpu: bool = False, address: str | None = None, precision: str | None = None,
-             detect_faces: bool | str = "auto") -> dict:
+             detect_faces: bool | str = "auto", calibration: str | None = None) -> dict:
     """Report on ``split`` of a prepared set (default: test where held out, else val) or on labelled
-    images, each by its most confident face (``predict_table``)."""
+    images, each by its most confident face (``predict_table``); with ``calibration``, on estimates
+    corrected by that named calibration (and its margins)."""
     meta = read_meta(checkpoint)  # fail early on a wrong path, before starting Ray
+    named = _named_calibration(checkpoint, calibration, attach)  # and on a calibration it does not hold
     if detect_mode(detect_faces) != "false" and not is_prepared(data):
         require_mtcnn()  # and so does a missing face detector
     split = resolve_split(data, split)
     init_ray(address)
-    table = predict_table(checkpoint, data, fmt, split or "val", gpu, precision=precision, detect_faces=detect_faces)
+    table = predict_table(checkpoint, data, fmt, split or "val", gpu, precision=precision, detect_faces=detect_faces,
+                          calibration=calibration)
 
     def validation() -> pd.DataFrame:  # the calibration set: never the test split being reported
         return table if split == "val" else predict_table(checkpoint, data, fmt, "val", gpu, precision=precision)
 
-    cal, note = choose_calibration(checkpoint, data, split, table, validation if split else None, attach)
+    if named is not None:
+        cal, note = named
+    else:
+        cal, note = choose_calibration(checkpoint, data, split, table, validation if split else None, attach)
     with storage.output_dir(out) as local:
         table.to_parquet(local / "predictions.parquet", index=False)
         report = build_report(table, local, meta, split=split, calibration=cal, calibration_note=note)
@@ -109,6 +120,19 @@ def evaluate(checkpoint: str, data: str, out: str, fmt: str = "auto", split: str
              report["unscored"], out)
     log.info("verification figures: calibration %s", note)
     return report
+
+
+def _named_calibration(checkpoint: str, name: str | None, attach: bool) -> tuple[dict, str] | None:
+    """The named calibration and the report's sentence about it, or None where none is named."""
+    if name is None:
+        return None
+    if attach:
+        raise InvalidInput("--attach measures the model's own margins; it does not go with --calibration")
+    cal = read_calibration(checkpoint, name)
+    note = (f"the checkpoint's calibration {name!r} (age calibrate, on {cal.get('data', 'an unrecorded set')}): "
+            "its correction applies to every estimate, its margins draw the likely ranges; on its own photos "
+            "these figures are in-sample")
+    return cal, note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_argument(p)
     add_detect_faces_argument(p, "Each image is scored by its most confident face; photos without one are counted "
                                  "and listed (no_face.csv). A prepared set is crops")
+    add_calibration_argument(p)
     add_address_argument(p)
     return p
 
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return evaluate(args.checkpoint, args.data, args.out, args.format, args.split, args.attach, args.gpu, args.address,
-                    args.precision, args.detect_faces)
+                    args.precision, args.detect_faces, args.calibration)
 
 
 if __name__ == "__main__":

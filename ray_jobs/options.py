@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from agecore import storage
-from agecore.config import DETECT_FACES, DETECT_FACES_HELP
+from agecore.config import CALIBRATION_HELP, DETECT_FACES, DETECT_FACES_HELP
 
 T = TypeVar("T")
 
@@ -78,6 +78,10 @@ def add_detect_faces_argument(parser: argparse.ArgumentParser, what: str = "") -
     """``--detect-faces [auto|true|false]``, how each image is taken; a bare ``--detect-faces`` is ``true``."""
     parser.add_argument("--detect-faces", nargs="?", const="true", default="auto", choices=DETECT_FACES,
                         help=f"{DETECT_FACES_HELP}{'. ' + what if what else ''} (default: %(default)s)")
+
+
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration", default=None, metavar="NAME", help=CALIBRATION_HELP)
 
 
 def override_defaults(parser: argparse.ArgumentParser, defaults: Mapping[str, tuple[Any, str]]) -> None:

@@ -24,7 +24,7 @@ from agecore.errors import InvalidInput
 from agecore.faces import require_mtcnn
 from agecore.images import ImageError
 from agecore.predictor import Predictor
-from ray_jobs.options import add_detect_faces_argument
+from ray_jobs.options import add_calibration_argument, add_detect_faces_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the HTTP API's answer for each photo instead")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_calibration_argument(p)
     return p
 
 
@@ -53,13 +54,13 @@ def face_line(path: str, i: int, count: int, face: dict[str, Any]) -> str:
 
 def predict(photos: list[str], checkpoint: str, min_age: float | None = None, detect_faces: str = "auto",
             draw: str | None = None, as_json: bool = False, precision: str | None = None,
-            threads: int | None = None) -> int:
+            threads: int | None = None, calibration: str | None = None) -> int:
     """Print the faces of each photo; returns how many photos could not be read."""
     if min_age is not None and not 1 <= min_age <= 100:
         raise InvalidInput(f"--min-age must be in [1, 100], got {min_age:g}")
     if detect_faces != "false":
         require_mtcnn()  # a missing detector is said before the model loads
-    predictor = Predictor(checkpoint, threads=threads, precision=precision)
+    predictor = Predictor(checkpoint, threads=threads, precision=precision, calibration=calibration)
     if draw:
         Path(draw).mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -91,7 +92,7 @@ def predict(photos: list[str], checkpoint: str, min_age: float | None = None, de
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     failed = predict(args.photos, args.checkpoint, args.min_age, args.detect_faces, args.draw, args.json,
-                     args.precision, args.threads)
+                     args.precision, args.threads, args.calibration)
     if failed:
         sys.exit(1)
 

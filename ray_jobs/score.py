@@ -48,7 +48,7 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from agecore import storage
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.config import detect_mode
 from agecore.datasets import list_images
 from agecore.errors import InvalidInput
@@ -61,7 +61,7 @@ from ray_jobs.common import (
     model_actor_options,
     setup_logging,
 )
-from ray_jobs.options import add_detect_faces_argument
+from ray_jobs.options import add_calibration_argument, add_detect_faces_argument
 
 log = logging.getLogger("ray_jobs.score")
 
@@ -170,7 +170,7 @@ def _open_output(out: str, schema: pa.Schema) -> tuple[set[str], set[str]]:
 
 def _predictions(
     todo: list[str], checkpoint: str, batch_size: int, concurrency: int | None, gpu: bool, detect_faces: str,
-    precision: str | None,
+    precision: str | None, calibration: str | None = None,
 ) -> tuple[ray.data.Dataset, int, int]:
     """The scored rows of ``todo`` (lazy), and the predictor actors and threads that compute them."""
     # one single-thread predictor actor per CPU: the write tasks (write_parts) ask for no CPU
@@ -181,7 +181,7 @@ def _predictions(
         BatchPredictor,
         fn_constructor_kwargs={"checkpoint": storage.absolute(checkpoint), "threads": threads or None,
                                "device": "cuda" if gpu else "cpu", "detect_faces": detect_faces,
-                               "precision": precision},
+                               "precision": precision, "calibration": calibration},
         batch_size=rows, batch_format="numpy", **options,
     )
     return scored, actors, threads
@@ -241,13 +241,15 @@ def _summary(input: str, paths: list[str], todo: list[str], counts: Counter, act
 
 def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int | None = None,
           gpu: bool = False, rows_per_part: int = 5000, address: str | None = None,
-          detect_faces: bool | str = "auto", precision: str | None = None) -> dict:
+          detect_faces: bool | str = "auto", precision: str | None = None, calibration: str | None = None) -> dict:
     """Score the images of ``input`` that no part in ``out`` holds yet; returns what the run did.
 
     ``detect_faces`` (``auto``, ``true`` or ``false``) is ``Predictor.face_crops``'s rule: with
     ``auto`` and ``true`` the rows are faces (``FACES_SCHEMA``), with ``false`` images (``SCHEMA``).
+    ``calibration`` names a calibration stored in the checkpoint (``age calibrate``): every age is corrected.
     """
     read_meta(checkpoint)  # a wrong checkpoint path fails here, before any work
+    read_calibration(checkpoint, calibration)  # and so does a calibration it does not hold
     detect_faces = detect_mode(detect_faces)
     faces = detect_faces != "false"
     if faces:
@@ -263,7 +265,7 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
     if todo:
         init_ray(address)
         scored, actors, threads = _predictions(todo, checkpoint, batch_size, concurrency, gpu, detect_faces,
-                                               precision)
+                                               precision, calibration)
         write_parts(scored, out, schema, rows_per_part, writers=actors)
         counts = _written(out, before, len(todo), faces)
     summary = _summary(input, paths, todo, counts, actors, threads, time.perf_counter() - start, faces)
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
     add_precision_argument(p)
     add_detect_faces_argument(p, "A row per face; with false, a row per image")
+    add_calibration_argument(p)
     add_address_argument(p)
     return p
 
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     return score(args.checkpoint, args.input, args.out, args.batch_size, args.concurrency, args.gpu,
-                 address=args.address, detect_faces=args.detect_faces, precision=args.precision)
+                 address=args.address, detect_faces=args.detect_faces, precision=args.precision,
+                 calibration=args.calibration)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 
 from agecore import storage
-from agecore.checkpoint import read_meta
+from agecore.checkpoint import read_calibration, read_meta
 from agecore.config import DETECT_FACES, DETECT_FACES_HELP, ServeConfig
 from agecore.errors import InvalidInput
 from agecore.faces import NO_FACE, Face, largest
@@ -68,7 +68,8 @@ def _largest(faces: list[Face]) -> int:
 @serve.ingress(app)
 class AgeService:
     def __init__(self, config: ServeConfig) -> None:
-        self.predictor = Predictor(config.checkpoint, threads=config.threads, precision=config.precision)
+        self.predictor = Predictor(config.checkpoint, threads=config.threads, precision=config.precision,
+                                   calibration=config.calibration)
         self.max_body = config.max_body_bytes
         if self.predictor.calibration is None:
             log.warning("%s has no calibration: likely ranges are the estimate +/- twice its validation MAE and "
@@ -219,6 +220,7 @@ def age_app(config: ServeConfig) -> serve.Application:
     """The application for ``config``: the checkpoint is checked here, before any replica starts."""
     checkpoint = storage.absolute(config.checkpoint)
     read_meta(checkpoint)  # raises MissingInput / InvalidInput for a folder that is not a checkpoint
+    read_calibration(checkpoint, config.calibration)  # and a calibration name it does not hold
     config = ServeConfig.from_dict({**config.to_dict(), "checkpoint": checkpoint})
     return AgeService.options(**config.deployment_options()).bind(config)
 

@@ -60,6 +60,8 @@ class ModelIdentity(BaseModel):
     tta_flip: bool
     precision: str
     version: str = Field(description="agecore version of the service")
+    calibration: str | None = Field(description="the named calibration that answered (age calibrate), or null: the "
+                                                "model's own estimates, with the checkpoint's calibration.json")
 
 
 class Refusal(BaseModel):
