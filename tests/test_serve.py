@@ -636,3 +636,34 @@ def test_every_refusal_reason_is_triggered_by_a_test_of_this_module():
     literals = {n.value for top in tree.body if top is not this for n in ast.walk(top)
                 if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert sorted(set(REFUSALS) - literals) == []
+
+
+def test_a_named_calibration_answers_through_serve(service, serve_checkpoint, tmp_path):
+    """``calibration: NAME`` (a serve_config.yaml key): the library's corrected ages, its ranges, its name."""
+    import shutil
+
+    from ray import serve
+
+    from agecore import calibration as calib
+    from agecore.checkpoint import save_calibration
+    from agecore.predictor import Predictor
+    from ray_jobs.serve import build_app
+    from tests.test_calibration import synthetic
+
+    ckpt = Path(shutil.copytree(serve_checkpoint, tmp_path / "ckpt"))
+    save_calibration(ckpt, "kiosk", calib.fit_calibration(*synthetic()))
+    with pytest.raises(FileNotFoundError, match="no calibration named 'kiosks': it holds kiosk"):
+        build_app({"checkpoint": str(ckpt), "calibration": "kiosks"})  # before any replica starts
+    serve.run(build_app({"checkpoint": str(ckpt), "calibration": "kiosk"}), name="kiosk", route_prefix="/kiosk")
+    try:
+        r = requests.post(f"{service}/kiosk/v1/age?detect_faces=false", data=face(),
+                          headers={"content-type": "image/jpeg"}, timeout=60).json()
+        library = Predictor(ckpt, calibration="kiosk")
+        image = np.asarray(Image.open(io.BytesIO(face())).convert("RGB"))
+        expected = library.predict(image)
+        assert r["model"]["calibration"] == "kiosk" and r["age"] == pytest.approx(expected, abs=0.006)
+        assert r["likely_range"] == library.describe(expected)["likely_range"]
+        raw = Predictor(ckpt).predict(image)
+        assert abs(expected - raw) > 1.0  # the correction moved the estimate: the test can tell them apart
+    finally:
+        serve.delete("kiosk")
