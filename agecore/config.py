@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from agecore.errors import InvalidInput
-from agecore.images import MAX_PIXELS, MIN_SIDE
 
 # Each choice list is written once, as a type: the command lines take their choices from these too.
 Format = Literal["auto", "labels-csv", "utkface", "manifest"]
@@ -25,6 +24,7 @@ Schedule = Literal["cosine", "wsd", "constant"]
 Optimizer = Literal["adam", "adamw"]
 Pretrained = Literal["hub", "file", "none"]
 Precision = Literal["fp32", "bf16"]
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 # how an image is taken: auto, a face crop framed like the training crops as it is and anything else
 # through face detection; true, always detected; false, always as a crop
 DetectFaces = Literal["auto", "true", "false"]
@@ -35,6 +35,12 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRETRAINED: tuple[str, ...] = get_args(Pretrained)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+
+# The pixel limits of every stage (prepare's defaults, the predictor, the service): the shorter side
+# of the smallest usable image, and the most pixels an image may have (a decompression-bomb guard).
+MIN_SIDE = 32
+MAX_PIXELS = 40_000_000
 DETECT_FACES: tuple[str, ...] = get_args(DetectFaces)
 CALIBRATION_HELP = ("correct every age with the checkpoint's calibration NAME, and take the likely ranges and "
                     "challenge ages from it (age calibrate stores it as calibrations/NAME.json) (default: the "
@@ -237,7 +243,7 @@ class Preprocessing(_Serializable):
         _check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values")
         _check(all(s > 0 for s in self.std), "std values must be > 0")
         _check(
-            self.interpolation in ("bilinear", "bicubic", "nearest", "lanczos"),
+            self.interpolation in INTERPOLATIONS,
             f"unsupported interpolation {self.interpolation!r}",
         )
 

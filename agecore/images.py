@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agecore import storage
+from agecore.config import MAX_PIXELS, MIN_SIDE
 
 try:  # phones' HEIC/HEIF photos: the `heic` extra (pillow-heif) teaches PIL to open them
     from pillow_heif import register_heif_opener
@@ -36,18 +37,13 @@ if TYPE_CHECKING:
 
     from agecore.config import Preprocessing
 
-# The pixel limits of every stage (prepare's defaults, the predictor, the service): the shorter side
-# of the smallest usable image, and the most pixels an image may have (a decompression-bomb guard).
-MIN_SIDE = 32
-MAX_PIXELS = 40_000_000
-
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".heic", ".heif")
 # the ISO base media brands of HEIC/HEIF stills, as bytes 8-12 of the file ("ftyp" at 4-8)
 HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 
-_RESAMPLE = {
+_RESAMPLE = {  # PIL's filter for each of config.INTERPOLATIONS
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,

@@ -65,6 +65,11 @@ def _native_stderr_to(log_file: str | Path) -> None:
     os.close(log)
 
 
+# Rows in one call of a model actor (Ray Data's map_batches) where a job does not say: enough to keep
+# the network's chunks full, few enough that every actor of a small job gets several calls.
+PREDICT_BATCH_ROWS = 64
+
+
 def add_address_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
 

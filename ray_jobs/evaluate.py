@@ -30,6 +30,7 @@ from agecore.faces import require_mtcnn
 from agecore.predictor import BatchPredictor
 from agecore.prepare import is_prepared, resolve_split, split_dir
 from ray_jobs.common import (
+    PREDICT_BATCH_ROWS,
     add_address_argument,
     add_precision_argument,
     init_ray,
@@ -51,7 +52,7 @@ def most_confident_face(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_table(checkpoint: str, data: str, fmt: str = "auto", split: str = "val", gpu: bool = False,
-                  batch_size: int = 64, precision: str | None = None, detect_faces: bool | str = "auto",
+                  batch_size: int = PREDICT_BATCH_ROWS, precision: str | None = None, detect_faces: bool | str = "auto",
                   calibration: str | None = None) -> pd.DataFrame:
     """One row per labelled image: path, age, predicted_age, error (+ gender/race where known).
 

@@ -55,6 +55,7 @@ from agecore.errors import InvalidInput
 from agecore.faces import NO_FACE, require_mtcnn
 from agecore.predictor import BatchPredictor
 from ray_jobs.common import (
+    PREDICT_BATCH_ROWS,
     add_address_argument,
     add_precision_argument,
     init_ray,
@@ -69,7 +70,7 @@ SCHEMA = pa.schema([("path", pa.string()), ("predicted_age", pa.float32()), ("er
 FACES_SCHEMA = pa.schema([("path", pa.string()), ("face", pa.int32()), ("box", pa.list_(pa.float32())),
                           ("face_score", pa.float32()), ("aligned", pa.bool_()), ("predicted_age", pa.float32()),
                           ("error", pa.string())])
-DEFAULT_BATCH_SIZE = 64  # paths per predictor call
+DEFAULT_BATCH_SIZE = PREDICT_BATCH_ROWS  # paths per predictor call
 # Each predictor actor gets at least this many blocks, so that no actor sits idle for long at the end.
 MIN_BLOCKS_PER_ACTOR = 8
 
@@ -280,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, manifest .csv/.parquet with path, or URI")
     p.add_argument("--out", required=True, help="output Parquet folder (local or URI)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="images per predictor call; fewer on small inputs, so that every actor gets 8 calls or more")
-    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default: one per CPU, one thread each, or one per GPU)")
+                   help=f"images per predictor call; fewer on small inputs, so that every actor gets "
+                        f"{MIN_BLOCKS_PER_ACTOR} calls or more (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=None, help=(
+        "predictor actors; on an autoscaling cluster, as many as you want it to start (default: one per CPU "
+        "the cluster has at the start, one thread each, or one per GPU with --gpu)"))
     p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
     add_precision_argument(p)
     add_detect_faces_argument(p, "A row per face; with false, a row per image")

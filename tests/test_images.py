@@ -6,10 +6,8 @@ import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from agecore.config import PrepareConfig, Preprocessing
+from agecore.config import MAX_PIXELS, MIN_SIDE, PrepareConfig, Preprocessing
 from agecore.images import (
-    MAX_PIXELS,
-    MIN_SIDE,
     ImageError,
     decode,
     load_image,

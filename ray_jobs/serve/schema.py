@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from agecore.config import MAX_PIXELS, MIN_SIDE
 from agecore.faces import INSTALL_HINT, NO_FACE
-from agecore.images import MAX_PIXELS, MIN_SIDE
 from agecore.metrics import CHALLENGE_SHARE, NEAR_THRESHOLD_YEARS, NOMINAL_COVERAGE
 
 MAX_FILES = 32  # files in one /v1/age/batch request
