@@ -124,7 +124,7 @@ def quickstart(data: str, out: str, *, backbone: str | None = None, pretrained_f
          f"{summary['rejected']:,} rejected (listed in {prepared}/rejects.csv)")
 
     recipe = {**CPU_RECIPE, "epochs": epochs} if mode == CPU_RECIPE["mode"] else {"mode": mode, "epochs": epochs}
-    _say(f"2/4 train: {weights.backbone}, {mode} mode, up to {epochs} epochs")
+    _say(f"2/4 train: {weights.backbone}, {mode} mode, up to {epochs} epoch{'s' * (epochs != 1)}")
     best = train(prepared, run, weights.model_config(), TrainConfig(**recipe))
 
     split = "test" if counts.get("test") else "val"
