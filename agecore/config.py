@@ -111,9 +111,14 @@ class PrepareConfig(_Serializable):
     max_pixels: int = field(
         default=MAX_PIXELS, metadata={"help": "images with more pixels are rejected (a guard against decompression bombs)"})
     max_age: float = field(default=MAX_AGE, metadata={"help": "labels above this age (years) are rejected"})
+    detect_faces: DetectFaces = field(default="false", metadata={"help": (
+        "labelled photos rather than face crops: auto keeps a crop framed like UTKFace's chips as it is and "
+        "crops and aligns the largest face of any other photo onto that layout; true aligns every image; "
+        "false takes each image as the crop to learn from. A photo without a face is rejected (no_face)")})
 
     def __post_init__(self) -> None:
         _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.detect_faces in DETECT_FACES, f"detect_faces must be one of {DETECT_FACES}, got {self.detect_faces!r}")
         _check(16 <= self.image_size <= 1024, f"image_size must be in [16, 1024], got {self.image_size}")
         _check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}")

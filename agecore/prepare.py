@@ -12,6 +12,7 @@ Prepared layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from agecore import plots, storage
 from agecore.config import PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, assign_splits, resolve_duplicates
 from agecore.errors import InvalidInput, MissingInput
+from agecore.faces import CROP_PAD, NO_FACE, UTKFACE_TEMPLATE, FaceDetector, align, is_face_crop, largest
 from agecore.images import ImageError, content_digest, load_image, open_image
 from agecore.metrics import AGE_BAND_LABELS, age_band
 
@@ -37,13 +40,34 @@ INFO = "prepare.json"  # what a prepared set holds and how it was made: its pres
 MIN_CALIBRATION_BAND = 20
 
 
+@functools.cache
+def _detector() -> FaceDetector:
+    """One MTCNN per worker process: decode tasks of a prepare run reuse it."""
+    return FaceDetector()
+
+
+def face_crop(img: Image.Image, size: int, interpolation: str, detect_faces: str) -> np.ndarray:
+    """The training crop of a labelled photo: its largest face aligned onto the UTKFace chips' landmark
+    layout (with ``auto``, an image framed like a chip already is taken as it is), or ``ImageError``
+    ``no_face`` where none is found."""
+    faces = _detector().detect(img, pad=CROP_PAD)
+    if not faces:
+        raise ImageError(NO_FACE, f"no face with score >= {_detector().config.min_score} found")
+    face = largest(faces)
+    if detect_faces == "auto" and is_face_crop(face, img.size, UTKFACE_TEMPLATE):
+        return load_image(img, size, interpolation)
+    return align(img, face.landmarks, UTKFACE_TEMPLATE, size, interpolation)
+
+
 def decode_batch(
-    batch: dict[str, np.ndarray], size: int, interpolation: str, max_pixels: int, min_side: int
+    batch: dict[str, np.ndarray], size: int, interpolation: str, max_pixels: int, min_side: int,
+    detect_faces: str = "false",
 ) -> dict[str, np.ndarray]:
     """Decode and preprocess one batch of records; a bad image becomes an error row, never an exception.
 
     Adds ``image`` (N, size, size, 3 uint8; zeros where decoding failed), ``digest``,
-    ``error_reason`` and ``error_detail`` (empty strings where the image is good).
+    ``error_reason`` and ``error_detail`` (empty strings where the image is good). With
+    ``detect_faces`` ``auto`` or ``true`` the records are photos, and ``face_crop`` makes each image.
     """
     n = len(batch["path"])
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -52,7 +76,8 @@ def decode_batch(
         try:
             img = open_image(str(path), max_pixels=max_pixels, min_side=min_side)
             digests[i] = content_digest(img)
-            images[i] = load_image(img, size, interpolation)
+            images[i] = (load_image(img, size, interpolation) if detect_faces == "false"
+                         else face_crop(img, size, interpolation, detect_faces))
         except ImageError as e:
             reasons[i], details[i] = e.reason, e.detail
     out = dict(batch)

@@ -15,6 +15,7 @@ import ray
 from agecore import storage
 from agecore.config import ModelConfig, PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, read_records, validate_labels
+from agecore.faces import require_mtcnn
 from agecore.model import default_preprocessing
 from agecore.prepare import SplitPlan, attach_split, decode_batch, plan_splits, write_report
 from ray_jobs.common import add_address_argument, init_ray, setup_logging
@@ -47,7 +48,7 @@ def _decode(records: pd.DataFrame, cfg: PrepareConfig, interpolation: str) -> ra
         .map_batches(
             decode_batch,
             fn_kwargs={"size": cfg.image_size, "interpolation": interpolation,
-                       "max_pixels": cfg.max_pixels, "min_side": cfg.min_side},
+                       "max_pixels": cfg.max_pixels, "min_side": cfg.min_side, "detect_faces": cfg.detect_faces},
             batch_size=64,
             batch_format="numpy",
         )
@@ -91,6 +92,8 @@ def prepare(cfg: PrepareConfig, interpolation: str = "bicubic", address: str | N
     """Run the whole preparation; returns the report summary. Raises on ``strict`` rejects."""
     start = time.perf_counter()
     out = storage.absolute(cfg.out)
+    if cfg.detect_faces != "false":
+        require_mtcnn()  # a missing detector is said before any work
     records, label_rejects, fmt = _read_labels(cfg)
     init_ray(address)
     decoded = _decode(records, cfg, interpolation)

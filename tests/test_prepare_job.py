@@ -91,3 +91,35 @@ def test_strict_fails_on_rejects(dirty, tmp_path, ray_local):
     root, _, _ = dirty
     with pytest.raises(ValueError, match="--strict"):
         prepare(PrepareConfig(data=str(root), out=str(tmp_path), image_size=64, strict=True), "bicubic")
+
+
+def test_labelled_photos_become_aligned_training_crops(faces_root, tmp_path, facenet):
+    """--detect-faces: a chip pasted into a photo comes back as the chip's own framing; no face is a reject."""
+    from PIL import Image
+
+    from agecore.faces import UTKFACE_TEMPLATE, FaceDetector, align, largest
+    from agecore.prepare import decode_batch
+    from tests.conftest import subset
+
+    name = subset(faces_root, 9)["file_name"].iloc[3]
+    chip = Image.open(faces_root / "final_files" / name).convert("RGB")
+    photo = Image.new("RGB", (640, 480), (128, 128, 128))
+    photo.paste(chip.resize((160, 160)), (300, 120))
+    photo.save(tmp_path / "photo.jpg", quality=95)
+    chip.save(tmp_path / "chip.png")
+    Image.new("RGB", (640, 480), (128, 128, 128)).save(tmp_path / "plain.jpg")
+    paths = np.array([str(tmp_path / n) for n in ("photo.jpg", "chip.png", "plain.jpg")], dtype=object)
+    out = decode_batch({"path": paths}, 64, "bicubic", 40_000_000, 32, detect_faces="auto")
+    assert out["error_reason"].tolist() == ["", "", "no_face"]
+    as_chip = load_image(chip, 64, "bicubic")
+    assert np.array_equal(out["image"][1], as_chip)  # a chip is taken as it is
+    # the pasted face is found and aligned onto the chips' layout: close to the chip itself at 64 px
+    assert np.abs(out["image"][0].astype(int) - as_chip).mean() < 20
+    detector = FaceDetector()
+    face = largest(detector.detect(Image.open(paths[0]).convert("RGB"), pad=0.25))
+    expected = align(Image.open(paths[0]).convert("RGB"), face.landmarks, UTKFACE_TEMPLATE, 64, "bicubic")
+    assert np.array_equal(out["image"][0], expected)
+    forced = decode_batch({"path": paths[1:2]}, 64, "bicubic", 40_000_000, 32, detect_faces="true")
+    assert not np.array_equal(forced["image"][0], as_chip)  # true aligns even a chip
+    with pytest.raises(ValueError, match="detect_faces must be one of"):
+        PrepareConfig(data="d", out="o", detect_faces="maybe")
