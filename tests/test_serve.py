@@ -483,18 +483,23 @@ def test_readme_curl_examples_answer_as_documented(service, faces_root, tmp_path
             assert answer["age"] == answer["faces"][1]["age"] and len(answer["likely_range"]) == 2, (line, answer)
 
 
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64  # the head of a phone's HEIC photo
+
+
 @pytest.mark.parametrize(
-    ("facenet", "status", "error"),
+    ("module", "source", "status", "error"),
     [
-        ('raise ImportError("No module named facenet_pytorch")\n', 501, "face_detection_unavailable"),
-        ("class MTCNN:\n    def __init__(self, *args, **kwargs):\n        raise RuntimeError('broken')\n", 500,
-         "internal_error"),
+        ("facenet_pytorch", 'raise ImportError("No module named facenet_pytorch")\n', 501, "face_detection_unavailable"),
+        ("facenet_pytorch", "class MTCNN:\n    def __init__(self, *args, **kwargs):\n        raise RuntimeError('broken')\n",
+         500, "internal_error"),
+        ("pillow_heif", 'raise ImportError("No module named pillow_heif")\n', 415, "unsupported_format"),
     ],
-    ids=["detector-missing", "detector-broken"],
+    ids=["detector-missing", "detector-broken", "heif-missing"],
 )
-def test_a_missing_or_broken_detector_answers_in_the_refusal_shape(service, serve_checkpoint, faces_root, tmp_path,
-                                                                    facenet, status, error):
-    """A replica whose facenet_pytorch is missing answers 501 naming the install; a bug answers 500."""
+def test_a_missing_or_broken_package_answers_in_the_refusal_shape(service, serve_checkpoint, faces_root, tmp_path,
+                                                                   module, source, status, error):
+    """A replica without facenet_pytorch answers 501 naming the install, a bug in it 500, and one without
+    pillow-heif refuses a HEIC photo with 415 naming the extra; face crops still answer."""
     import os
 
     from ray import serve
@@ -502,25 +507,26 @@ def test_a_missing_or_broken_detector_answers_in_the_refusal_shape(service, serv
     from agecore.config import ServeConfig
     from ray_jobs.serve import AgeService
 
-    fake = tmp_path / "site" / "facenet_pytorch"
+    fake = tmp_path / "site" / module
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(facenet)
+    (fake / "__init__.py").write_text(source)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
     app = AgeService.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}).bind(
         ServeConfig(checkpoint=str(serve_checkpoint)))
-    serve.run(app, name="no_detector", route_prefix="/no-detector")
+    serve.run(app, name="no_package", route_prefix="/no-package")
     try:
-        url = f"{service}/no-detector/v1/age"
-        r = requests.post(url, data=two_face_photo(faces_root), headers={"content-type": "image/jpeg"}, timeout=120)
+        url = f"{service}/no-package/v1/age"
+        body = HEIC if module == "pillow_heif" else two_face_photo(faces_root)
+        r = requests.post(url, data=body, headers={"content-type": "image/jpeg"}, timeout=120)
         assert r.status_code == status and r.json()["error"] == error, r.text
-        if error == "face_detection_unavailable":
-            assert "pip install" in r.json()["message"]
-        else:
+        if error == "internal_error":
             assert r.headers["x-request-id"] in r.json()["message"] or "X-Request-ID" in r.json()["message"]
+        else:
+            assert "pip install" in r.json()["message"]
         crop = requests.post(f"{url}?detect_faces=false", data=face(), headers={"content-type": "image/jpeg"}, timeout=60)
-        assert crop.status_code == 200 and crop.json()["age"] > -50  # the crop path needs no detector
+        assert crop.status_code == 200 and crop.json()["age"] > -50  # the crop path needs neither package
     finally:
-        serve.delete("no_detector")
+        serve.delete("no_package")
 
 
 # -- answers pinned to the library's: same checkpoint, same images, same numbers -------------------
