@@ -33,10 +33,12 @@ refused, naming the path, before any work.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +50,7 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from agecore import storage
-from agecore.checkpoint import read_calibration, read_meta
+from agecore.checkpoint import read_calibration, read_meta, weights_digest
 from agecore.config import detect_mode
 from agecore.datasets import list_images
 from agecore.errors import InvalidInput
@@ -163,10 +165,26 @@ def _open_output(out: str, schema: pa.Schema) -> tuple[set[str], set[str]]:
     fs, root = storage.filesystem(out)
     fs.create_dir(root, recursive=True)
     for stale in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        if stale.base_name.startswith(".tmp-"):  # left by the driver-side writer of earlier versions
+        if stale.base_name.startswith(".tmp-"):  # a part whose writer stopped before naming it
             fs.delete_file(stale.path)
     done = done_paths(out, schema)
     return set(_parts(out)[1]), done
+
+
+RUN_FILE = "_score.json"  # what made the rows of a folder (a leading _: Parquet readers skip it)
+
+
+def _same_scorer(out: str, scorer: dict[str, Any]) -> None:
+    """Record ``scorer`` in ``out``, or refuse it where the folder holds rows that another one made."""
+    path = storage.join(out, RUN_FILE)
+    if not storage.exists(path):
+        storage.write_text(path, json.dumps(scorer, indent=2) + "\n")
+        return
+    made = storage.read_json(path)
+    changed = {k: (made.get(k), v) for k, v in scorer.items() if made.get(k) != v}
+    if changed:
+        said = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+        raise InvalidInput(f"{out} holds rows of another scorer ({said}): use another --out, or the same settings")
 
 
 def _predictions(
@@ -259,6 +277,7 @@ def score(checkpoint: str, input: str, out: str, batch_size: int = DEFAULT_BATCH
     paths = list_images(input)
     refuse_duplicates(paths, input)
     before, done = _open_output(out, schema)
+    _same_scorer(out, {"weights": weights_digest(checkpoint), "calibration": calibration, "detect_faces": detect_faces})
     todo = [p for p in paths if p not in done]
     log.info("%d images in %s; %d already scored in %s; %d to score", len(paths), input, len(done), out, len(todo))
     start, counts = time.perf_counter(), Counter()

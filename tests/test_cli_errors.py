@@ -101,3 +101,23 @@ def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(ray_jobs.score, "score", broken)
     with pytest.raises(KeyError):
         main(["score", "--checkpoint", str(ckpt), "--input", str(tmp_path), "--out", str(tmp_path / "s")])
+
+
+def test_a_rerun_into_an_output_of_another_model_or_calibration_is_refused(capsys, tmp_path, monkeypatch):
+    import json
+
+    import ray_jobs.score
+
+    def started(*args, **kwargs):  # the refusal comes before any work
+        raise AssertionError("Ray was started before the output was checked")
+
+    monkeypatch.setattr(ray_jobs.score, "init_ray", started)
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "scores"
+    out.mkdir()
+    (out / ray_jobs.score.RUN_FILE).write_text(json.dumps({"weights": "0123456789ab", "calibration": None,
+                                                           "detect_faces": "false"}))
+    (tmp_path / "m.csv").write_text("path\na.jpg\n")
+    err = _age(capsys, "score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "m.csv"), "--out", str(out),
+               "--detect-faces", "false")
+    assert f"{out} holds rows of another scorer (weights '0123456789ab' there" in err
