@@ -32,7 +32,7 @@ from PIL import Image
 from agecore import storage
 from agecore.config import FaceDetection
 from agecore.errors import MissingDependency, MissingInput
-from agecore.images import open_image
+from agecore.images import load_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,22 @@ def is_face_crop(face: Face, size: tuple[int, int], template: Sequence[Point]) -
 def largest(faces: Sequence[Face]) -> Face:
     """The face with the largest box."""
     return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
+def crops_of(photo: Image.Image, faces: Sequence[Face], template: Sequence[Point], size: int,
+             interpolation: str = "bicubic", detect_faces: str = "auto") -> tuple[list[Face], np.ndarray]:
+    """The model inputs of ``faces`` found in ``photo`` (``FaceDetector.detect(photo, pad=CROP_PAD)``),
+    ``(faces, N x size x size x 3)``: the one rule of prediction and preparation.
+
+    With ``detect_faces="auto"``, a photo whose largest face is framed like ``template`` (``is_face_crop``)
+    is one face, taken as it is (``aligned`` False, its box the whole image); otherwise each face is
+    warped onto ``template`` (``align``).
+    """
+    if detect_faces == "auto" and faces and is_face_crop(main := largest(faces), photo.size, template):
+        whole = Face((0.0, 0.0, float(photo.width), float(photo.height)), main.score, main.landmarks, aligned=False)
+        return [whole], load_image(photo, size, interpolation)[None].copy()
+    crops = [align(photo, face.landmarks, template, size, interpolation) for face in faces]
+    return list(faces), np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
 
 # -- alignment -----------------------------------------------------------------------------------------

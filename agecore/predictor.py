@@ -37,9 +37,7 @@ from agecore.faces import (
     UTKFACE_TEMPLATE,
     Face,
     FaceDetector,
-    align,
-    is_face_crop,
-    largest,
+    crops_of,
 )
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
 from agecore.metrics import fallback_margin, likely_range, verify_answer
@@ -210,13 +208,8 @@ class Predictor:
                  detect_faces: DetectFaces = "auto") -> tuple[list[Face], np.ndarray]:
         """``face_crops`` of faces already found in ``photo`` (``FaceDetector.detect(photo, pad=CROP_PAD)``):
         detections do not depend on the model, so they can be kept and used again with another checkpoint."""
-        size = self.prep.input_size
-        template = self.prep.face_template or UTKFACE_TEMPLATE
-        if detect_faces == "auto" and faces and is_face_crop(main := largest(faces), photo.size, template):
-            whole = Face((0.0, 0.0, float(photo.width), float(photo.height)), main.score, main.landmarks, aligned=False)
-            return [whole], np.stack([self.preprocess(photo)])
-        crops = [align(photo, face.landmarks, template, size, self.prep.interpolation) for face in faces]
-        return list(faces), np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        return crops_of(photo, faces, self.prep.face_template or UTKFACE_TEMPLATE, self.prep.input_size,
+                        self.prep.interpolation, detect_faces)
 
     def no_face_message(self, image: Image.Image | None = None) -> str:
         """Why a photo gave no face: the score and size rules it was held to."""

@@ -27,7 +27,7 @@ from agecore import plots, storage
 from agecore.config import PrepareConfig
 from agecore.datasets import REJECT_COLUMNS, assign_splits, resolve_duplicates
 from agecore.errors import InvalidInput, MissingInput
-from agecore.faces import CROP_PAD, NO_FACE, UTKFACE_TEMPLATE, FaceDetector, align, is_face_crop, largest
+from agecore.faces import CROP_PAD, NO_FACE, UTKFACE_TEMPLATE, FaceDetector, crops_of, largest
 from agecore.images import ImageError, content_digest, load_image, open_image
 from agecore.metrics import AGE_BAND_LABELS, age_band
 
@@ -53,10 +53,7 @@ def face_crop(img: Image.Image, size: int, interpolation: str, detect_faces: str
     faces = _detector().detect(img, pad=CROP_PAD)
     if not faces:
         raise ImageError(NO_FACE, f"no face with score >= {_detector().config.min_score} found")
-    face = largest(faces)
-    if detect_faces == "auto" and is_face_crop(face, img.size, UTKFACE_TEMPLATE):
-        return load_image(img, size, interpolation)
-    return align(img, face.landmarks, UTKFACE_TEMPLATE, size, interpolation)
+    return crops_of(img, [largest(faces)], UTKFACE_TEMPLATE, size, interpolation, detect_faces)[1][0]
 
 
 def decode_batch(
