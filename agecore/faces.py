@@ -6,12 +6,10 @@ MTCNN, whose weights ship inside the package (nothing is downloaded); ``align`` 
 with the similarity transform that puts its landmarks onto the training crops' own landmark
 layout, as insightface's ``norm_crop`` and dlib's face chips do. That layout (the *template*) is
 measured from the training images by ``measure_template`` and stored in the checkpoint's
-preprocessing; ``UTKFACE_TEMPLATE`` stands in for checkpoints that carry none.
+preprocessing; ``UTKFACE_TEMPLATE`` stands in for checkpoints that carry none::
 
-    >>> detector = FaceDetector()  # doctest: +SKIP
-    >>> faces = detector.detect(photo)  # doctest: +SKIP
-    >>> [align(photo, f.landmarks, UTKFACE_TEMPLATE, 224).shape for f in faces]  # doctest: +SKIP
-    [(224, 224, 3), (224, 224, 3)]
+    faces = FaceDetector().detect(photo)
+    crops = [align(photo, f.landmarks, UTKFACE_TEMPLATE, 224) for f in faces]  # 224 x 224 x 3 each
 """
 
 from __future__ import annotations
@@ -144,9 +142,18 @@ def is_face_crop(face: Face, size: tuple[int, int], template: Sequence[Point]) -
     return log_scale <= CROP_MAX_LOG_SCALE and shift <= CROP_MAX_SHIFT
 
 
+def box_area(box: Sequence[float]) -> float:
+    """The area of an (x1, y1, x2, y2) box."""
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
 def largest(faces: Sequence[Face]) -> Face:
-    """The face with the largest box."""
-    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    """The face with the largest box: the one a photo's single answer is about (one person a photo).
+
+    >>> largest([Face((0, 0, 10, 10), 0.9, ()), Face((5, 5, 40, 30), 0.8, ())]).box
+    (5, 5, 40, 30)
+    """
+    return max(faces, key=lambda f: box_area(f.box))
 
 
 def crops_of(photo: Image.Image, faces: Sequence[Face], template: Sequence[Point], size: int,

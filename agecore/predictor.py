@@ -37,6 +37,7 @@ from agecore.faces import (
     UTKFACE_TEMPLATE,
     Face,
     FaceDetector,
+    box_area,
     crops_of,
 )
 from agecore.images import ImageError, ImageLike, load_image, normalize, open_image
@@ -308,7 +309,7 @@ class Predictor:
         photo = self.photo(image)
         faces = [{**{k: v for k, v in found.items() if k != "age"}, **self.describe(found["age"], min_age)}
                  for found in self.predict_faces(photo, detect_faces)]
-        main = max(faces, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), default=None)
+        main = max(faces, key=lambda f: box_area(f["box"]), default=None)
         top = ({"min_age": min_age, "verdict": main and main["verdict"]} if min_age is not None else
                {"age": main and main["age"], "likely_range": main and main["likely_range"]})
         return {**top, "faces": faces, "message": None if faces else self.no_face_message(photo)}

@@ -52,6 +52,7 @@ from PIL import Image
 
 from agecore import metrics, plots
 from agecore.checkpoint import read_calibration
+from agecore.faces import largest
 from agecore.images import ImageError
 from agecore.predictor import Predictor
 
@@ -81,11 +82,6 @@ def is_grey(photo: Image.Image) -> bool:
     """
     rgb = np.asarray(photo.convert("RGB"), dtype=np.int16)
     return float((rgb.max(axis=2) - rgb.min(axis=2)).mean()) <= GREY_SPREAD
-
-
-def largest(boxes: Sequence[Sequence[float]]) -> int:
-    """Index of the largest box (x1, y1, x2, y2): one person a photo, as ``/v1/verify`` picks the face."""
-    return max(range(len(boxes)), key=lambda i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
 
 
 def same_face(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -132,7 +128,7 @@ def ours_one(predictor: Predictor, file: Path) -> dict[str, Any]:
     detected, detected_cpu = time.perf_counter(), time.process_time()
     age, box, model_s, model_cpu = np.nan, None, 0.0, 0.0  # no face: no model time
     if faces:
-        i = largest([f.box for f in faces])
+        i = faces.index(largest(faces))
         age = float(predictor.predict_arrays(crops[i : i + 1])[0])
         model_s, model_cpu = time.perf_counter() - detected, time.process_time() - detected_cpu
         box = [round(v, 1) for v in faces[i].box]

@@ -87,7 +87,7 @@ def closure(roots: Iterable[str], python: str, no_deps: Iterable[str] = ()) -> d
     return found
 
 
-def _project_requirements() -> list[str]:
+def project_requirements() -> list[str]:
     """The project's own dependencies (no extras), from its installed metadata."""
     from packaging.requirements import Requirement
 
@@ -104,7 +104,7 @@ def bundle_requirements(python: str, detection: bool = False) -> dict[str, str]:
     host = host_packages(python)
     extra = [DETECTION] if detection else []
     # a host package's own requirements are the host's business: not walked
-    needed = closure([*_project_requirements(), *BUNDLE_ROOTS, *extra], python,
+    needed = closure([*project_requirements(), *BUNDLE_ROOTS, *extra], python,
                      no_deps=[DETECTION, *LEFT_OUT, *host])
     left_out = {_canonical(n) for n in LEFT_OUT}
     return {n: v for n, v in sorted(needed.items()) if n not in host and n not in left_out}

@@ -7,7 +7,6 @@ so a package the bundle forgot fails the run, in the driver or in any Ray proces
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import re
 import subprocess
@@ -17,49 +16,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.isolated import PYTHON, ROOT, isolated_venv
+
 sys.path.insert(0, str(ROOT / "scripts"))
-from bundle import HOST_ROOTS, closure  # noqa: E402  (scripts/bundle.py: the host the bundle is built for)
+from bundle import HOST_ROOTS  # scripts/bundle.py: the host the bundle is built for
 
 LIMIT_BYTES = 60 * 2**20
 FACES = 200
 EPOCHS = 1  # what is proven is that every package loads: a second epoch loads nothing new
-PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 pytestmark = pytest.mark.slow
-
-
-def _top_level(dist: md.Distribution) -> set[str]:
-    """The site-packages entries a distribution installed (packages, modules, its .dist-info)."""
-    names = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
-    return {n for n in names if n != "__pycache__" and not n.endswith(".pth")}
-
-
-def bare_host(dest: Path) -> Path:
-    """A virtual environment holding links to the host roots and all they require alone; returns its python."""
-    base = Path(sys.base_prefix) / "bin" / f"python{PYTHON}"  # not this venv's python: nothing of it inherited
-    subprocess.run([str(base), "-m", "venv", "--without-pip", str(dest)], check=True)
-    site = dest / "lib" / f"python{PYTHON}" / "site-packages"
-    host = set(closure(HOST_ROOTS, PYTHON))
-    owners: dict[str, set[str]] = {}
-    for dist in md.distributions():
-        for entry in _top_level(dist):
-            owners.setdefault(entry, set()).add(_canon(dist.metadata["Name"]))
-    linked = 0
-    for name in host:
-        dist = md.distribution(name)
-        for entry in _top_level(dist):
-            others = owners[entry] - host
-            assert not others, f"{entry} is shared by host package {name} and {sorted(others)}: cannot link it alone"
-            if not (site / entry).is_symlink():  # namespace folders (nvidia/) are shared among host packages
-                (site / entry).symlink_to(Path(dist.locate_file(entry)))
-                linked += 1
-    assert linked
-    return dest / "bin" / "python"
-
-
-def _canon(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +38,7 @@ def archive(tmp_path_factory, faces_root) -> Path:
 
 def test_bundle_builds_under_the_limit_and_runs_alone(archive: Path, tmp_path: Path) -> None:
     assert archive.stat().st_size <= LIMIT_BYTES, f"{archive.stat().st_size / 2**20:.1f} MiB"
-    python = bare_host(tmp_path / "host")
+    python = isolated_venv(tmp_path / "host", HOST_ROOTS)
     # the proof is only as good as the isolation: the bare host has torch but no Ray and no project
     # (found, not imported: the run imports them, and importing torch costs seconds)
     probe = subprocess.run([str(python), "-c", "import importlib.util as u; "

@@ -59,8 +59,7 @@ def test_grey_rule():
     assert not rp.is_grey(sepia) and not rp.is_grey(faded)
 
 
-def test_largest_and_same_face():
-    assert rp.largest([[0, 0, 10, 10], [5, 5, 40, 30], [0, 0, 20, 20]]) == 1
+def test_same_face():
     assert rp.same_face(BOX, [15, 5, 55, 70]) and not rp.same_face(BOX, FAR)
 
 
