@@ -23,12 +23,11 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "py.
 def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
     """The jobs' own messages on the terminal; with ``log_file``, everything at DEBUG in that file too.
 
-    A job with a log file is quiet: Ray's own loggers, Python's warnings and what native code and
-    child processes write to the standard error (Ray's core worker and raylet) go to the file alone,
-    unless ``verbose``.
+    A job with a log file is quiet: Ray's own loggers, Python's warnings and what Ray prints by itself
+    (its core worker's and raylet's warnings) go to the file alone, unless ``verbose``.
     """
     if log_file is not None and not verbose:
-        _native_stderr_to(log_file)
+        _ray_output_to(log_file)
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -50,19 +49,22 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
         library.propagate = False
 
 
-def _native_stderr_to(log_file: str | Path) -> None:
-    """Point file descriptor 2 at ``log_file`` and keep Python's ``sys.stderr`` on the terminal.
+def _ray_output_to(log_file: str | Path) -> None:
+    """Send what Ray writes on its own to ``log_file``, and keep the job's messages on the terminal.
 
-    Ray's C++ core worker logs its warnings to descriptor 2 of the driver, and the processes that
-    ``ray.init`` starts inherit it: a quiet job sends those to its log, and its own messages and
-    progress (written through ``sys.stderr``) still reach the person running it.
+    Ray's C++ core worker logs its warnings to descriptor 2 of the driver (which the processes that
+    ``ray.init`` starts inherit), and the driver prints the raylet's warnings through ``sys.stdout``.
+    Descriptor 2 and ``sys.stdout`` go to the log; ``sys.stderr``, through which the jobs write their
+    messages and progress, stays on the terminal.
     """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
+    sys.stdout.flush()
     sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
     log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 2)
     os.close(log)
+    sys.stdout = open(log_file, "a", buffering=1)  # noqa: SIM115  (open for the rest of the job)
 
 
 # Rows in one call of a model actor (Ray Data's map_batches) where a job does not say: enough to keep

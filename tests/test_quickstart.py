@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,29 @@ def test_quickstart_without_a_hub_runs_to_the_end_and_says_which_weights(faces_r
     for artefact in ("eval/report.md", "train/curves.png", "logs/age.log"):
         assert (out / artefact).is_file(), artefact
     assert "Starting execution of Dataset" in (out / "logs" / "age.log").read_text()  # Ray's logs went there
+
+
+QUIET_JOB = """
+import logging, os, sys
+from ray._private.worker import print_to_stdstream
+from ray_jobs.common import setup_logging
+setup_logging(log_file=sys.argv[1])
+logging.getLogger("ray_jobs.quickstart").info("a job's own message")
+print("progress of the job", file=sys.stderr)
+# as the driver prints a raylet warning, and as the core worker logs to descriptor 2
+print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet",
+                    "is_err": False}, ignore_prefix=False)
+os.write(2, b"core worker: constructor arguments in the object store\\n")
+logging.getLogger("ray.data").warning("a library notice")
+"""
+
+
+def test_a_quiet_job_keeps_rays_own_output_in_its_log(tmp_path):
+    log = tmp_path / "logs" / "age.log"
+    done = subprocess.run([sys.executable, "-c", QUIET_JOB, str(log)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    terminal, kept = done.stdout + done.stderr, log.read_text()
+    assert "a job's own message" in terminal and "progress of the job" in terminal
+    for ray_says in ("8 PYTHON worker processes", "constructor arguments", "a library notice"):
+        assert ray_says not in terminal and ray_says in kept, ray_says
