@@ -401,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(p)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="run folder or URI: best/, metrics.csv, curves.png, config.json")
-    run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in OUT from its last checkpoint, with its saved optimiser and "
+                          "learning-rate schedule (a new --lr, --schedule or --warmup-epochs does not apply; "
+                          "--epochs and the early stop do)")
     run.add_argument("--no-attach", action="store_true",
                      help="skip scoring best/ on the validation split (error quantiles for age verification)")
     run.add_argument("--storage-path", default=None,
