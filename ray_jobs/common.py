@@ -64,7 +64,7 @@ def _ray_output_to(log_file: str | Path) -> None:
     log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 2)
     os.close(log)
-    sys.stdout = open(log_file, "a", buffering=1)  # noqa: SIM115  (open for the rest of the job)
+    sys.stdout = os.fdopen(os.dup(2), "w", buffering=1)  # the log, through the descriptor opened on it
 
 
 # Rows in one call of a model actor (Ray Data's map_batches) where a job does not say: enough to keep
