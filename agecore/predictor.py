@@ -238,7 +238,8 @@ class Predictor:
         """
         out = []
         for chunk in np.array_split(images, -(-len(images) // self.batch_size)) if len(images) else []:
-            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+            # a read-only array (a memory map, a decoded Arrow buffer) is copied: torch warns on it otherwise
+            chunk = torch.from_numpy(np.require(chunk, requirements=["C", "W"]))
             x = normalize(chunk.to(self.device), self.prep)
             pred = self._network(x)
             if self.tta_flip:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -128,3 +129,15 @@ def test_batch_predictor_gives_each_face_its_own_age(checkpoint, photos, facenet
     np.testing.assert_allclose(found["predicted_age"], [a for *_, a in expected], atol=1e-3)
     assert len(expected) >= 3 and np.diff(np.sort([a for *_, a in expected])).min() > 2e-3  # distinct ages: a mix-up would show
     assert rows.loc[rows["path"] == paths[1], "error"].iloc[0].startswith("not_an_image")
+
+
+def test_a_read_only_batch_predicts_without_a_warning(checkpoint):
+    """Arrays from Arrow buffers and memory maps are read-only: the same ages, and no torch warning on stderr."""
+    predictor = Predictor(checkpoint)
+    batch = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    frozen = batch.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ages = predictor.predict_arrays(frozen)
+    np.testing.assert_array_equal(ages, predictor.predict_arrays(batch))
