@@ -368,11 +368,12 @@ def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(service):
 
 
 def two_face_photo(faces_root: Path) -> bytes:
-    """A 640x480 photo with two UTKFace chips pasted on grey, the larger on the right."""
-    chip = Image.open(faces_root / "final_files" / subset(faces_root, 9)["file_name"][6]).convert("RGB")
+    """A 640x480 photo with two people's UTKFace chips pasted on grey, the larger on the right."""
+    small, large = (Image.open(faces_root / "final_files" / name).convert("RGB")
+                    for name in subset(faces_root, 9)["file_name"].iloc[[3, 6]])
     canvas = Image.new("RGB", (640, 480), (128, 128, 128))
-    canvas.paste(chip.resize((chip.width // 2, chip.height // 2)), (40, 80))
-    canvas.paste(chip, (330, 100))
+    canvas.paste(small.resize((small.width // 2, small.height // 2)), (40, 80))
+    canvas.paste(large, (330, 100))
     buf = io.BytesIO()
     canvas.save(buf, "JPEG", quality=95)
     return buf.getvalue()
