@@ -257,9 +257,9 @@ class Preprocessing(_Serializable):
 class FaceDetection(_Serializable):
     """How faces are found in uncropped photos (each is then aligned like the training crops).
 
-    MTCNN runs on a copy of the photo scaled to ``working_size`` on its longer side, and looks for
-    faces down to ``min_fraction`` of the photo's shorter side (or ``min_size`` pixels, where that
-    is larger): what it costs is set by the smallest face it looks for. Faces under ``min_size``
+    MTCNN runs on a copy of the photo (with its border, where padded) scaled to ``working_size`` on
+    its longer side, and looks for faces down to ``min_fraction`` of the photo's shorter side (or
+    ``min_size`` pixels, where that is larger): what it costs is set by the smallest face it looks for. Faces under ``min_size``
     pixels of the photo are dropped: too little detail for an age estimate.
 
     >>> FaceDetection(min_score=1.5)
@@ -271,7 +271,7 @@ class FaceDetection(_Serializable):
     min_score: float = 0.9
     min_size: int = 20
     min_fraction: float = 0.1
-    working_size: int = 400  # on fgnet-dev: 28% less time than 640 px, the same MAE (docs/benchmarks.md)
+    working_size: int = 400  # MTCNN's time grows with the square of it
 
     def __post_init__(self) -> None:
         _check(0.0 < self.min_score <= 1.0, f"min_score must be in (0, 1], got {self.min_score}")

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ from agecore import storage
 from agecore.config import FaceDetection
 from agecore.errors import MissingDependency, MissingInput
 from agecore.images import load_image, open_image
+from agecore.mtcnn import Cascade
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +225,24 @@ def align(image: Image.Image, landmarks: Sequence[Point] | np.ndarray, template:
 # -- detection -----------------------------------------------------------------------------------------
 
 
+class WorkingCopy(NamedTuple):
+    """The image MTCNN runs on (``FaceDetector.working_copy``): ``pixels`` (H x W x 3 uint8), the
+    photo scaled by ``sx``, ``sy`` inside a grey ``margin`` (pixels), and the smallest face to look
+    for there (``min_face``, pixels)."""
+
+    pixels: np.ndarray
+    sx: float
+    sy: float
+    margin: int
+    min_face: float
+
+
 class FaceDetector:
     """MTCNN behind a small interface: ``detect`` -> faces left to right, with their landmarks.
 
-    For speed, MTCNN runs on a copy of the photo scaled down to ``config.working_size`` on its
-    longer side and looks for faces down to ``min_face`` only; boxes and landmarks come back in
+    For speed, MTCNN (``agecore.mtcnn``) runs on a copy of the photo, with its grey border where it
+    is padded, scaled down to ``config.working_size`` on its longer side (``working_copy``), and
+    looks for faces down to ``min_face`` only; boxes and landmarks come back in
     pixels of the photo itself. Detections under ``config.min_score``, or under ``config.min_size``
     pixels on their longer side (too little detail for an age estimate), are dropped. ``detect``
     may be called from several threads at once (a Serve replica does).
@@ -236,55 +251,45 @@ class FaceDetector:
     def __init__(self, config: FaceDetection | None = None, device: str | None = None) -> None:
         MTCNN = require_mtcnn()
         self.config = config or FaceDetection()
-        self.mtcnn = MTCNN(keep_all=True, thresholds=[0.6, 0.7, 0.7], select_largest=False,
-                           device=device or "cpu").eval()
+        self.cascade = Cascade(MTCNN(device=device or "cpu"))
 
     def min_face(self, size: tuple[int, int]) -> float:
         """The smallest face looked for in a photo of ``size`` (pixels of the photo): ``min_size``,
         or ``min_fraction`` of the shorter side where that is larger."""
         return max(float(self.config.min_size), self.config.min_fraction * min(size))
 
-    def detect(self, image: Image.Image, pad: float = 0.0) -> list[Face]:
-        """Faces in an RGB photo, ordered left to right (then top to bottom).
-
-        ``pad`` surrounds the photo with a grey border of that share of its longer side first: MTCNN
-        misplaces the landmarks of a face that fills the whole frame, as a face crop's does.
-        """
-        if pad > 0:
-            border = round(pad * max(image.size))
-            canvas = Image.new("RGB", (image.width + 2 * border, image.height + 2 * border), (128, 128, 128))
-            canvas.paste(image, (border, border))
-            return [_shifted(f, -border) for f in self._detect(canvas, self.min_face(image.size))]
-        return self._detect(image, self.min_face(image.size))
-
-    def _detect(self, image: Image.Image, min_face: float) -> list[Face]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
-
-        scale = min(1.0, self.config.working_size / max(image.size))
+    def working_copy(self, image: Image.Image, pad: float = 0.0) -> WorkingCopy:
+        """What MTCNN looks at in ``image``: a copy at most ``working_size`` on its longer side,
+        surrounded by a grey border of ``pad`` times that side."""
+        border = round(pad * max(image.size))
+        scale = min(1.0, self.config.working_size / (max(image.size) + 2 * border))
         small = image
         if scale < 1.0:
             small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.BILINEAR, reducing_gap=2.0)
         sx, sy = small.width / image.width, small.height / image.height
-        # MTCNN's pyramid starts at the smallest face asked for: the one knob that sets its cost
-        smallest = max(12.0, min_face * min(sx, sy))
-        m = self.mtcnn
-        with torch.inference_mode():
-            boxes, points = detect_face(np.asarray(small), smallest, m.pnet, m.rnet, m.onet, m.thresholds,
-                                        m.factor, m.device)
+        margin = round(border * scale)
+        pixels = np.pad(np.asarray(small), ((margin, margin), (margin, margin), (0, 0)), constant_values=128)
+        return WorkingCopy(pixels, sx, sy, margin, max(12.0, self.min_face(image.size) * min(sx, sy)))
+
+    def detect(self, image: Image.Image, pad: float = 0.0) -> list[Face]:
+        """Faces in an RGB photo, ordered left to right (then top to bottom).
+
+        ``pad`` surrounds the photo with a grey border of that share of its longer side first: MTCNN
+        misplaces the landmarks of a face that fills the whole frame.
+        """
+        work = self.working_copy(image, pad)
+        boxes, points = self.cascade.detect(work.pixels, work.min_face)
+        boxes[:, :4] -= work.margin
+        points -= work.margin
+        sx, sy = work.sx, work.sy
         faces = []
-        for box, pts in zip(np.asarray(boxes[0], np.float64).reshape(-1, 5),
-                            np.asarray(points[0], np.float64).reshape(-1, 5, 2), strict=True):
-            x1, y1, x2, y2 = box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy
-            if box[4] >= self.config.min_score and max(x2 - x1, y2 - y1) >= self.config.min_size:
+        for (x1, y1, x2, y2, score), pts in zip(boxes.astype(np.float64), points.astype(np.float64), strict=True):
+            x1, y1, x2, y2 = x1 / sx, y1 / sy, x2 / sx, y2 / sy
+            if score >= self.config.min_score and max(x2 - x1, y2 - y1) >= self.config.min_size:
                 landmarks = tuple((float(x / sx), float(y / sy)) for x, y in pts)
-                faces.append(Face((float(x1), float(y1), float(x2), float(y2)), float(box[4]), landmarks))
+                faces.append(Face((float(x1), float(y1), float(x2), float(y2)), float(score), landmarks))
         return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
-
-
-def _shifted(face: Face, by: float) -> Face:
-    x1, y1, x2, y2 = face.box
-    return Face((x1 + by, y1 + by, x2 + by, y2 + by), face.score, tuple((x + by, y + by) for x, y in face.landmarks))
 
 
 # -- the template: where the training crops have their landmarks ---------------------------------------
