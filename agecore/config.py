@@ -196,7 +196,9 @@ class TrainConfig(_Serializable):
         "share of training faces shown as real photos spoil them: grey, sepia or a colour cast, blur, "
         "low resolution, noise, JPEG (agecore.augment); partial and frozen modes cache one such view a face")})
     tta_flip: bool = field(
-        default=True, metadata={"help": "validate on the average of each face and its mirror image (the predictor's default)"})
+        default=False, metadata={"help": (
+            "validate, and predict by default, on the average of each face and its mirror image: twice the "
+            "inference time, for no gain on photos (docs/training.md)")})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept, by lowest validation MAE"})
 
     def __post_init__(self) -> None:

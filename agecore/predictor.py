@@ -67,8 +67,8 @@ def _is_single(images: object) -> bool:
 class Predictor:
     """Loads a checkpoint once; preprocesses exactly as training did (from what the checkpoint stores).
 
-    ``tta_flip`` averages the prediction of the image and its mirror image (the checkpoint's
-    training setting by default). On CPU the network is frozen to TorchScript (``freeze_graph``),
+    ``tta_flip`` averages the prediction of the image and its mirror image (by default, as the
+    checkpoint was validated, which its likely-range margins were measured with). On CPU the network is frozen to TorchScript (``freeze_graph``),
     which runs faster than eager (docs/benchmarks.md). ``precision="bf16"`` autocasts, and is the default where
     the device runs bf16 natively (``native_bf16``); ``"fp32"`` turns it off.
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
@@ -103,7 +103,7 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, self.meta = load_checkpoint(checkpoint, self.device)
         self.prep = preprocessing(self.meta)
-        self.tta_flip = self.meta["train"].get("tta_flip", True) if tta_flip is None else tta_flip
+        self.tta_flip = self.meta["train"].get("tta_flip", False) if tta_flip is None else tta_flip
         self.precision = precision or ("bf16" if native_bf16(self.device) else "fp32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")

