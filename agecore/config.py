@@ -198,7 +198,7 @@ class TrainConfig(_Serializable):
     tta_flip: bool = field(
         default=False, metadata={"help": (
             "validate, and predict by default, on the average of each face and its mirror image: twice the "
-            "inference time, for no gain on photos (docs/training.md)")})
+            "inference time, for 0.03-0.04 years on chips and no steady gain on photos (docs/benchmarks.md)")})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept, by lowest validation MAE"})
 
     def __post_init__(self) -> None:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, nms
 
-# Stage 1 proposes a 12 x 12 window every 2 pixels of each pyramid level; stages 2 and 3 rescore
-# the candidates as 24 x 24 and 48 x 48 crops.
-CELL, STRIDE = 12, 2
+# Stage 1 scores 12 x 12 windows of each pyramid level (the smallest face it sees); stages 2 and 3
+# rescore the candidates as 24 x 24 and 48 x 48 crops.
+CELL = 12
 REFINE_SIZE, OUTPUT_SIZE = 24, 48
 
 
