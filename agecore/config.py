@@ -261,8 +261,9 @@ class FaceDetection(_Serializable):
 
     MTCNN runs on a copy of the photo (with its border, where padded) scaled to ``working_size`` on
     its longer side, and looks for faces down to ``min_fraction`` of the photo's shorter side (or
-    ``min_size`` pixels, where that is larger): what it costs is set by the smallest face it looks for. Faces under ``min_size``
-    pixels of the photo are dropped: too little detail for an age estimate.
+    ``min_size`` pixels, where that is larger): what it costs is set by the smallest face it looks
+    for. Faces under ``min_size`` pixels of the photo are dropped: too little detail for an age
+    estimate.
 
     >>> FaceDetection(min_score=1.5)
     Traceback (most recent call last):

@@ -242,8 +242,8 @@ class FaceDetector:
 
     For speed, MTCNN (``agecore.mtcnn``) runs on a copy of the photo, with its grey border where it
     is padded, scaled down to ``config.working_size`` on its longer side (``working_copy``), and
-    looks for faces down to ``min_face`` only; boxes and landmarks come back in
-    pixels of the photo itself. Detections under ``config.min_score``, or under ``config.min_size``
+    looks for faces down to ``min_face`` only; boxes and landmarks come back in pixels of the photo
+    itself. Detections under ``config.min_score``, or under ``config.min_size``
     pixels on their longer side (too little detail for an age estimate), are dropped. ``detect``
     may be called from several threads at once (a Serve replica does).
     """

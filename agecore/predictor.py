@@ -68,8 +68,8 @@ class Predictor:
     """Loads a checkpoint once; preprocesses exactly as training did (from what the checkpoint stores).
 
     ``tta_flip`` averages the prediction of the image and its mirror image (by default, as the
-    checkpoint was validated, which its likely-range margins were measured with). On CPU the network is frozen to TorchScript (``freeze_graph``),
-    which runs faster than eager (docs/benchmarks.md). ``precision="bf16"`` autocasts, and is the default where
+    checkpoint was validated, which its likely-range margins were measured with). On CPU the network
+    is frozen to TorchScript (``freeze_graph``), which runs faster than eager (docs/benchmarks.md). ``precision="bf16"`` autocasts, and is the default where
     the device runs bf16 natively (``native_bf16``); ``"fp32"`` turns it off.
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     ``batch_size`` is how many images one forward pass takes; by default the faster of
