@@ -17,6 +17,15 @@ step() {  # WHAT COMMAND...: run quietly into the log; on failure, say what fail
     "${@:2}" >> "$LOG" 2>&1 || { echo "setup: $1 failed; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
 }
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
+# torch's Linux wheels with their CUDA libraries take about 6 GB: say so before pip half-fills a disk
+NEED_GB=8
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    FREE_GB=$(( $(df -Pk .venv | awk 'NR==2 {print $4}') / 1048576 ))
+    if (( FREE_GB < NEED_GB )); then
+        echo "setup: installing torch needs about $NEED_GB GB free; the disk that holds .venv has $FREE_GB GB" >&2
+        exit 1
+    fi
+fi
 step "upgrading pip" "${PIP[@]}" --upgrade pip
 step "installing torch" "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 EXTRAS=heic,offline-weights
