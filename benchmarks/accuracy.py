@@ -8,7 +8,7 @@ Rows printed (validation split, MAE and CS@5, wall time of each step):
 
 1. ridge regression on frozen ImageNet embeddings (the classic baseline);
 2. ``--mode frozen``: the reference head trained on the same embeddings with Ray Train;
-3. ``--mode partial``: top stages fine-tuned on cached activations (the CPU default);
+3. ``--mode partial``: top stages fine-tuned on cached activations (the CPU recipe);
 4. the partial checkpoint re-scored from images by the shared ``Predictor`` (what users get).
 
 Wall times include building each feature cache; delete ``PREPARED/cache`` first to measure from scratch.
@@ -125,13 +125,13 @@ def main() -> None:
     rows.append(timed_train("frozen: reference head on embeddings", out / "frozen", args.fresh, args.prepared,
                             model_cfg, TrainConfig(mode="frozen", **{**common, "epochs": 30, "lr": 1e-3}),
                             attach=False))
-    # train() itself re-scores best/ from images through the Predictor (flip TTA) and stores the error
+    # train() itself re-scores best/ from images through the Predictor and stores the error
     # quantiles beside it, so the partial row's wall time is the whole way to a servable checkpoint.
     partial = timed_train("partial: top stages fine-tuned on cached activations", out / "partial", args.fresh,
                           args.prepared, model_cfg, TrainConfig(mode="partial", **common))
     rows.append(partial)
     report = json.loads((out / "partial" / "val-eval" / "report.json").read_text())
-    rows.append({"step": "partial checkpoint re-scored from images (Predictor, flip TTA; time included above)",
+    rows.append({"step": "partial checkpoint re-scored from images (Predictor; time included above)",
                  "val_mae": report["metrics"]["mae"], "val_cs5": report["metrics"]["cs5"], "seconds": 0.0})
 
     print(f"\nValidation split of {args.prepared} ({report['metrics']['count']} faces), backbone {args.backbone}\n")
