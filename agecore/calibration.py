@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "agecore-calibration/1"
-# simplest first: cross-validation keeps the first one within a standard error of the best
+# simplest first: cross-validation keeps the lowest left-out MAE (choose_correction), the simpler kind on a tie
 KINDS = ("none", "shift", "linear", "log-linear", "isotonic")
 # Below these, cross-validation cannot tell a correction from noise (docs/calibration.md has the measurement)
 MIN_PEOPLE = 10

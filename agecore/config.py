@@ -364,7 +364,7 @@ class CalibrateConfig(_Serializable):
         "person of its own and the figures may be optimistic)")})
     folds: int = field(default=5, metadata={"help": "person-grouped cross-validation folds"})
     out: str | None = field(default=None, metadata={"help": (
-        "report folder: report.md, report.json, correction.png, estimates.csv, faces.parquet "
+        "local report folder: report.md, report.json, correction.png, estimates.csv, faces.parquet "
         "(default: runs/calibrate-NAME)")})
     format: Format = field(default="auto", metadata={"help": "layout of --data; auto tells them apart"})
     seed: int = field(default=0, metadata={"help": "seed of the assignment of people to folds"})
@@ -375,3 +375,5 @@ class CalibrateConfig(_Serializable):
         _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
         _check(self.person_from is None or self.person_from.startswith(("prefix:", "regex:")),
                f"person_from must be prefix:N or regex:PATTERN, got {self.person_from!r}")
+        _check(self.out is None or "://" not in self.out,
+               f"out must be a local folder (calibration runs in one process), got {self.out!r}")

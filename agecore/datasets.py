@@ -101,7 +101,10 @@ def read_labels_csv(root: str) -> pd.DataFrame:
 
 
 def read_utkface(root: str) -> pd.DataFrame:
-    """A folder of UTKFace-named images (searched recursively); the label is in the name."""
+    """A local folder of UTKFace-named images (searched recursively); the label is in the name."""
+    if storage.is_remote(root):
+        raise InvalidInput(f"{root}: a folder of UTKFace-named images is read from a local disk; "
+                           "on remote storage, list the images in a manifest (path,age)")
     paths = sorted(p for p in Path(root).rglob("*") if p.is_file() and _has_image_suffix(p.name))
     rows = []
     for p in paths:

@@ -85,7 +85,7 @@ class Schedule:
 
 @dataclass
 class EarlyStopping:
-    """Stop after ``patience`` epochs without an improvement of at least ``min_delta``.
+    """Stop after ``patience`` epochs without an improvement of more than ``min_delta``.
 
     The rule of Keras and Lightning: ``best`` moves only on an epoch that counts as an improvement,
     so a run falling by just under ``min_delta`` an epoch still improves on the epoch before last.
@@ -103,7 +103,7 @@ class EarlyStopping:
     epoch: int = -1
 
     def update(self, value: float) -> bool:
-        """Count one epoch's value; True when it improves on ``best`` by at least ``min_delta``."""
+        """Count one epoch's value; True when it improves on ``best`` by more than ``min_delta``."""
         self.epoch += 1
         if value < self.best - self.min_delta:
             self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0

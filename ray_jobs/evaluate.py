@@ -6,8 +6,10 @@
 
 ``--data`` takes a prepared folder (its ``--split``: by default test where one is held out, else val)
 or anything ``prepare`` reads; images that are not a prepared set go through the photo rule of
-``--detect-faces`` (default ``auto``: crops as they are, faces found in any other photo). ``--attach`` stores the signed-error quantiles per age band, measured on
-the validation split (never the test split), beside the checkpoint: the age-verification endpoint's margin.
+``--detect-faces`` (default ``auto``: crops as they are, faces found in any other photo).
+``--attach`` stores the signed-error quantiles per age band beside the checkpoint: the age-verification
+endpoint's margin, measured on the validation split of a prepared set (never its test split), or on the
+images given where ``--data`` is not a prepared set (the report then says in-sample).
 ``--calibration NAME`` corrects every estimate with a calibration that ``age calibrate`` stored in the
 checkpoint, and draws the verification figures with its margins.
 """

@@ -105,7 +105,8 @@ def _fragments(path: str) -> list[pa_ds.Fragment]:
 
 
 def resolve_cut(cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
-    """``cfg`` with partial mode's cut stage filled in: all but the backbone's top stage, where none was given."""
+    """``cfg`` with partial mode's cut stage filled in, where none was given: all but the backbone's top one or
+    two stages (``default_cut_stage``)."""
     if cfg.mode == "partial" and cfg.cut_stage is None:
         return TrainConfig.from_dict({**cfg.to_dict(), "cut_stage": default_cut_stage(model.backbone)})
     return cfg

@@ -7,7 +7,7 @@
 
 Modes: ``finetune`` trains the whole network on images (GPUs); ``partial`` runs the lower
 stages once, caches their output, and fine-tunes the top stages and the head (the CPU
-default); ``frozen`` caches pooled embeddings and trains the head alone (seconds an epoch).
+recipe); ``frozen`` caches pooled embeddings and trains the head alone (seconds an epoch).
 
 Outputs under OUT: ``best/`` (the checkpoint with the lowest validation MAE), ``metrics.csv``,
 ``curves.png``, ``config.json``, and Ray Train's own run folder ``ray_train/``. ``--config`` takes

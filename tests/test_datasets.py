@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agecore.config import PrepareConfig
+from agecore.config import CalibrateConfig, PrepareConfig
 from agecore.datasets import (
     assign_splits,
     detect_format,
@@ -49,6 +49,13 @@ def test_utkface_reader_copes_with_malformed_names(tmp_path):
             assert (pd.isna(row.race) and race is None) or row.race == race
     ok, bad = validate_labels(df)
     assert len(ok) == 4 and bad["reason"].tolist() == ["bad_label"]
+
+
+def test_local_only_paths_given_a_uri_are_refused_by_name():
+    with pytest.raises(InvalidInput, match=r"s3://bucket/faces: .*local disk.*manifest"):
+        read_records("s3://bucket/faces", "utkface")
+    with pytest.raises(InvalidInput, match=r"out must be a local folder.*'gs://bucket/cal'"):
+        CalibrateConfig(checkpoint="ckpt", data="photos.csv", name="mine", out="gs://bucket/cal")
 
 
 def test_manifest_reader_resolves_relative_paths(tmp_path):
