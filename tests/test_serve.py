@@ -3,6 +3,11 @@ page in headless Chromium, and a redeploy with another checkpoint under load."""
 
 import io
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,6 +67,41 @@ def service(serve_checkpoint, ray_local):
 
 def face() -> bytes:
     return jpeg_bytes((120, 120), color=(180, 140, 120))
+
+
+def test_age_serve_says_where_it_listens_and_keeps_rays_own_logs_in_its_file(serve_checkpoint, tmp_path):
+    """The command a user types: a few lines on the terminal once the service answers, Ray's and
+    Serve's own output in --log-file, and Ctrl-C stops it with status 130."""
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    log_file = tmp_path / "logs" / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", "serve", "--checkpoint", str(serve_checkpoint),
+                             "--port", str(port), "--metrics-port", str(metrics_port), "--log-file", str(log_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x.rstrip("\n")) for x in proc.stderr], daemon=True).start()
+        said = []
+        while not (said and said[-1].startswith("  Ctrl-C")):
+            said.append(lines.get(timeout=120))  # the lines come once the service answers
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)  # the reader thread takes the last line
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert said[0] == f"serving {serve_checkpoint} (test_resnet, validation MAE 6.00) at http://127.0.0.1:{port}/"
+    assert said[1] == f"  the page: http://127.0.0.1:{port}/   the API's docs: http://127.0.0.1:{port}/docs"
+    assert said[2].startswith(f"  logs: {log_file}; ")
+    assert said[3] == "  Ctrl-C stops it" and len(said) == 4 and rest == ["age serve: interrupted"], (said, rest)
+    assert out == ""
+    log = log_file.read_text()
+    assert "Started a local Ray instance" in log and "Application 'age' is ready" in log
 
 
 def test_routes_answer(service):

@@ -28,7 +28,7 @@ def test_the_config_serves_what_the_quickstart_trains_and_its_args_are_the_cli_o
     config = parse_args(config_args())
     assert config == ServeConfig(checkpoint="runs/faces/train/best")  # every key it sets is the default
     parser = build_parser()
-    options = {a.dest for a in parser._actions} - {"help", "host", "port", "metrics_port"}
+    options = {a.dest for a in parser._actions} - {"help", "host", "port", "metrics_port", "log_file", "verbose"}
     assert options == {f.name for f in dataclasses.fields(ServeConfig)} and set(config_args()) <= options
     cli = parser.parse_args(["--checkpoint", "x", "--replicas", "2", "--threads", "1"])
     assert config_from_args(ServeConfig, cli) == ServeConfig(checkpoint="x", replicas=2, threads=1)

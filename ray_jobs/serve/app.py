@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -245,19 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=8080,
                    help="Prometheus metrics of a local Ray (with RAY_ADDRESS: the cluster's own; default: %(default)s)")
+    p.add_argument("--log-file", default="runs/serve/age.log",
+                   help="where Ray's and Serve's own output goes (default: %(default)s); each replica's "
+                        "request log stays in Ray's session logs, logs/serve/")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own logs on the terminal as well")
     return p
 
 
+def ready_message(config: ServeConfig, args: argparse.Namespace) -> str:
+    """What ``age serve`` says once the service answers: the model, where to reach it, where its logs are."""
+    meta = read_meta(storage.absolute(config.checkpoint))
+    val_mae = meta.get("metrics", {}).get("val_mae")
+    model = meta["model"]["backbone"] + (f", validation MAE {val_mae:.2f}" if val_mae is not None else "")
+    url = f"http://{args.host}:{args.port}"
+    return (f"serving {config.checkpoint} ({model}) at {url}/\n"
+            f"  the page: {url}/   the API's docs: {url}/docs\n"
+            f"  logs: {args.log_file}; each request: Ray's session logs, logs/serve/ "
+            "(a local Ray's: /tmp/ray/session_latest/logs/serve/)\n"
+            "  Ctrl-C stops it")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``age serve``: check the config, the checkpoint and the ports, then serve until interrupted."""
+    """``age serve``: check the config, the checkpoint and the ports, then serve until interrupted.
+
+    The terminal gets where the service listens once it is ready; Ray's and Serve's own output goes
+    to ``--log-file`` (to the terminal as well with ``--verbose``).
+    """
     args = build_parser().parse_args(argv)
-    application = age_app(config_from_args(ServeConfig, args))
+    config = config_from_args(ServeConfig, args)
+    application = age_app(config)
     check_port_free(args.host, args.port, "--port")
     if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its metrics port must be free too
         check_port_free("0.0.0.0", args.metrics_port, "--metrics-port")
     from ray_jobs.common import init_ray, setup_logging
 
-    setup_logging()
-    init_ray(metrics_port=args.metrics_port)
+    setup_logging(args.verbose, log_file=args.log_file)
+    if not args.verbose:  # the job's own INFO lines are in the log file; the terminal gets the lines below
+        logging.getLogger().handlers[0].setLevel(logging.WARNING)
+    init_ray(quiet=not args.verbose, metrics_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="age", route_prefix="/", blocking=True)  # as serve_config.yaml names it
+    serve.run(application, name="age", route_prefix="/")  # as serve_config.yaml names it
+    print(ready_message(config, args), file=sys.stderr, flush=True)
+    while True:  # Serve's replicas run in Ray's processes; this one waits for Ctrl-C (run_stage: exit 130)
+        time.sleep(3600)
