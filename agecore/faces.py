@@ -87,7 +87,7 @@ def require_mtcnn() -> type:
 
 @dataclass(frozen=True)
 class Face:
-    """One detection in pixels of the photo: ``box`` (x1, y1, x2, y2), ``score`` MTCNN's probability,
+    """One detection in pixels of the photo: ``box`` (x1, y1, x2, y2, to 0.1 px), ``score`` MTCNN's probability,
     ``landmarks`` five (x, y) points in ``LANDMARKS`` order. ``aligned`` is False for an image that is a
     face crop already (``is_face_crop``): the model then sees it as it is, and ``box`` is the whole image."""
 
@@ -287,8 +287,10 @@ class FaceDetector:
         for (x1, y1, x2, y2, score), pts in zip(boxes.astype(np.float64), points.astype(np.float64), strict=True):
             x1, y1, x2, y2 = x1 / sx, y1 / sy, x2 / sx, y2 / sy
             if score >= self.config.min_score and max(x2 - x1, y2 - y1) >= self.config.min_size:
-                landmarks = tuple((float(x / sx), float(y / sy)) for x, y in pts)
-                faces.append(Face((float(x1), float(y1), float(x2), float(y2)), float(score), landmarks))
+                landmarks = tuple((float(x / sx), float(y / sy)) for x, y in pts)  # exact: the warp uses them
+                # the box to a tenth of a pixel and the score to four places: all the answers can use
+                box = (round(float(x1), 1), round(float(y1), 1), round(float(x2), 1), round(float(y2), 1))
+                faces.append(Face(box, round(float(score), 4), landmarks))
         return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 
 

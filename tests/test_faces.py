@@ -76,6 +76,9 @@ def test_detector_finds_the_pasted_faces_and_none_on_a_plain_photo(photos):
     two = Image.open(folder / "two.jpg").convert("RGB")
     faces = detector.detect(two)
     assert len(faces) == 2 and all(f.score >= 0.9 for f in faces)
+    # what the answers show: boxes to 0.1 px, scores to 4 places (landmarks stay exact for the warp)
+    assert all(v == round(v, 1) for f in faces for v in f.box) and all(f.score == round(f.score, 4) for f in faces)
+    assert any(x != round(x, 3) for f in faces for x, _ in f.landmarks)
     for face, where in zip(faces, pasted["two.jpg"], strict=True):  # left to right, as pasted
         assert iou(face.box, where) > 0.5 and len(face.landmarks) == 5
         (lx, ly), (rx, ry) = face.landmarks[:2]  # the eyes: inside the box, left of right, about level

@@ -81,7 +81,7 @@ class AgeAnswer(BaseModel):
 
 
 class FaceAge(BaseModel):
-    box: Box = Field(description="x1, y1, x2, y2 in pixels of the photo (the whole image for a face crop)")
+    box: Box = Field(description="x1, y1, x2, y2 in pixels of the photo, to 0.1 px (the whole image for a face crop)")
     face_score: float
     aligned: bool = Field(description="false where the image was a face crop, taken as it is")
     age: float
