@@ -23,13 +23,15 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "py.
 def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
     """The jobs' own messages on the terminal; with ``log_file``, everything at DEBUG in that file too.
 
-    A job with a log file is quiet: Ray's own loggers, Python's warnings and what Ray prints by itself
-    (its core worker's and raylet's warnings) go to the file alone, unless ``verbose``.
+    A job with a log file is quiet: its own INFO lines, Ray's own loggers, Python's warnings and what
+    Ray prints by itself (its core worker's and raylet's warnings) go to the file alone, unless
+    ``verbose``; the terminal keeps warnings and what the job prints for its user.
     """
-    if log_file is not None and not verbose:
+    quiet = log_file is not None and not verbose
+    if quiet:
         _ray_output_to(log_file)
     console = logging.StreamHandler()
-    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [console]

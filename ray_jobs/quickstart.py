@@ -177,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, log_file=Path(args.out) / "logs" / "age.log")
-    if not args.verbose:  # the stages' own INFO lines are in the log; the terminal gets the summary lines
-        logging.getLogger().handlers[0].setLevel(logging.WARNING)
+    setup_logging(args.verbose, log_file=Path(args.out) / "logs" / "age.log")  # the terminal: the summary lines
     return quickstart(args.data, args.out, backbone=args.backbone, pretrained_file=args.pretrained_file,
                       mode=args.mode, epochs=args.epochs, address=args.address)
 

@@ -48,6 +48,7 @@ from ray._private.worker import print_to_stdstream
 from ray_jobs.common import setup_logging
 setup_logging(log_file=sys.argv[1])
 logging.getLogger("ray_jobs.quickstart").info("a job's own message")
+logging.getLogger("ray_jobs.quickstart").warning("a job's own warning")
 print("progress of the job", file=sys.stderr)
 # as the driver prints a raylet warning, and as the core worker logs to descriptor 2
 print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet",
@@ -63,6 +64,7 @@ def test_a_quiet_job_keeps_rays_own_output_in_its_log(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     terminal, kept = done.stdout + done.stderr, log.read_text()
-    assert "a job's own message" in terminal and "progress of the job" in terminal
+    assert "a job's own warning" in terminal and "progress of the job" in terminal
+    assert "a job's own message" not in terminal and "a job's own message" in kept  # INFO: the file alone
     for ray_says in ("8 PYTHON worker processes", "constructor arguments", "a library notice"):
         assert ray_says not in terminal and ray_says in kept, ray_says

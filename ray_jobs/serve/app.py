@@ -280,9 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         check_port_free("0.0.0.0", args.metrics_port, "--metrics-port")
     from ray_jobs.common import init_ray, setup_logging
 
-    setup_logging(args.verbose, log_file=args.log_file)
-    if not args.verbose:  # the job's own INFO lines are in the log file; the terminal gets the lines below
-        logging.getLogger().handlers[0].setLevel(logging.WARNING)
+    setup_logging(args.verbose, log_file=args.log_file)  # the terminal: the lines below
     init_ray(quiet=not args.verbose, metrics_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="age", route_prefix="/")  # as serve_config.yaml names it
