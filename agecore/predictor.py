@@ -69,8 +69,9 @@ class Predictor:
 
     ``tta_flip`` averages the prediction of the image and its mirror image (by default, as the
     checkpoint was validated, which its likely-range margins were measured with). On CPU the network
-    is frozen to TorchScript (``freeze_graph``), which runs faster than eager (docs/benchmarks.md). ``precision="bf16"`` autocasts, and is the default where
-    the device runs bf16 natively (``native_bf16``); ``"fp32"`` turns it off.
+    is frozen to TorchScript (``freeze_graph``), which runs faster than eager (docs/benchmarks.md).
+    ``precision="bf16"`` autocasts, and is the default where the device runs bf16 natively
+    (``native_bf16``); ``"fp32"`` turns it off.
     ``faces`` configures the face detector of ``predict_faces``, which loads on first use only.
     ``batch_size`` is how many images one forward pass takes; by default the faster of
     ``CPU_CHUNK_CANDIDATES`` timed at load on CPUs, ``GPU_CHUNK`` on GPUs.

@@ -69,6 +69,9 @@ def _ray_output_to(log_file: str | Path) -> None:
     sys.stdout = os.fdopen(os.dup(2), "w", buffering=1)  # the log, through the descriptor opened on it
 
 
+# Where a local Ray started on this host keeps the logs of its processes (Serve's in its serve/ folder)
+LOCAL_RAY_LOGS = "/tmp/ray/session_latest/logs"
+
 # Rows in one call of a model actor (Ray Data's map_batches) where a job does not say: enough to keep
 # the network's chunks full, few enough that every actor of a small job gets several calls.
 PREDICT_BATCH_ROWS = 64
@@ -109,7 +112,7 @@ def init_ray(address: str | None = None, *, quiet: bool = False, metrics_port: i
     log = logging.getLogger(__name__)
     log.info("Ray resources: %s", ray.cluster_resources())
     if quiet:
-        log.info("the output of Ray's workers is in Ray's session logs (a local Ray: /tmp/ray/session_latest/logs)")
+        log.info("the output of Ray's workers is in Ray's session logs (a local Ray: %s)", LOCAL_RAY_LOGS)
 
 
 def read_parquet(path: str, *, num_cpus: float | None = None) -> ray.data.Dataset:

@@ -19,7 +19,7 @@ step() {  # WHAT COMMAND...: run quietly into the log; on failure, say what fail
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 # torch's Linux wheels with their CUDA libraries take about 6 GB: say so before pip half-fills a disk
 NEED_GB=8
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"; then
     FREE_GB=$(( $(df -Pk .venv | awk 'NR==2 {print $4}') / 1048576 ))
     if (( FREE_GB < NEED_GB )); then
         echo "setup: installing torch needs about $NEED_GB GB free; the disk that holds .venv has $FREE_GB GB" >&2

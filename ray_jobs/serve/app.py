@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def ready_message(config: ServeConfig, args: argparse.Namespace) -> str:
     """What ``age serve`` says once the service answers: the model, where to reach it, where its logs are."""
+    from ray_jobs.common import LOCAL_RAY_LOGS
+
     meta = read_meta(storage.absolute(config.checkpoint))
     val_mae = meta.get("metrics", {}).get("val_mae")
     model = meta["model"]["backbone"] + (f", validation MAE {val_mae:.2f}" if val_mae is not None else "")
@@ -262,7 +264,7 @@ def ready_message(config: ServeConfig, args: argparse.Namespace) -> str:
     return (f"serving {config.checkpoint} ({model}) at {url}/\n"
             f"  the page: {url}/   the API's docs: {url}/docs\n"
             f"  logs: {args.log_file}; each request: Ray's session logs, logs/serve/ "
-            "(a local Ray's: /tmp/ray/session_latest/logs/serve/)\n"
+            f"(a local Ray's: {LOCAL_RAY_LOGS}/serve/)\n"
             "  Ctrl-C stops it")
 
 
